@@ -1,0 +1,69 @@
+"""Fused ActNorm + invertible 1x1 convolution: y = W (s * x + b) at every pixel.
+
+Pure-PyTorch reference beside the dispatching entry points; Triton kernels live in kernels/actnorm_conv1x1.py.
+
+Shapes: x, y: [N, C, H, W]; scale s, bias b: [C]; weight W, weight_inv W^-1: [C, C].
+The log-determinant, H*W*(sum log|s| + log|det W|), depends on parameters only and is computed by the
+layer (it is small C x C work).
+
+Reversible backward, derived (u = s*x + b is the ActNorm output, y = W u):
+    u  = W^-1 y                  x  = (u - b) / s
+    gu = W^T gy                  gx = s * gu
+    gW = sum_{n,h,w} gy u^T      gs = sum_{n,h,w} gu * x      gb = sum_{n,h,w} gu
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
+    "actnorm_conv1x1_reversible_backward_reference",
+    "actnorm_conv1x1", "actnorm_conv1x1_inverse", "actnorm_conv1x1_reversible_backward",
+]
+
+
+def _mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply a C x C matrix over the channel axis of [N, C, H, W]."""
+    return torch.einsum("oc,nchw->nohw", weight, x)
+
+
+def actnorm_conv1x1_reference(x, scale, bias, weight):
+    return _mix(weight, x * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+
+
+def actnorm_conv1x1_inverse_reference(y, scale, bias, weight_inv):
+    return (_mix(weight_inv, y) - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
+
+
+def actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight, weight_inv):
+    """From the output y and dL/dy: (x, dL/dx, dL/dscale, dL/dbias, dL/dweight), without autograd."""
+    u = _mix(weight_inv, y)
+    x = (u - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
+    grad_u = _mix(weight.t(), grad_y)
+    grad_x = grad_u * scale.view(1, -1, 1, 1)
+    grad_weight = torch.einsum("nohw,nchw->oc", grad_y, u)
+    grad_scale = (grad_u * x).sum(dim=(0, 2, 3))
+    grad_bias = grad_u.sum(dim=(0, 2, 3))
+    return x, grad_x, grad_scale, grad_bias, grad_weight
+
+
+def actnorm_conv1x1(x, scale, bias, weight, weight_inv, backend: str = "torch"):
+    """Differentiable forward (plain autograd on the torch path)."""
+    if backend == "triton":
+        from revglow.ops._triton_functions import actnorm_conv1x1_triton
+        return actnorm_conv1x1_triton(x, scale, bias, weight, weight_inv)
+    return actnorm_conv1x1_reference(x, scale, bias, weight)
+
+
+def actnorm_conv1x1_inverse(y, scale, bias, weight_inv, backend: str = "torch"):
+    if backend == "triton":
+        from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_inverse_launch
+        return actnorm_conv1x1_inverse_launch(y, scale, bias, weight_inv)
+    return actnorm_conv1x1_inverse_reference(y, scale, bias, weight_inv)
+
+
+def actnorm_conv1x1_reversible_backward(y, grad_y, scale, bias, weight, weight_inv, backend: str = "torch"):
+    if backend == "triton":
+        from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_reversible_backward_launch
+        return actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv)
+    return actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight, weight_inv)

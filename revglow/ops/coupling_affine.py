@@ -1,0 +1,93 @@
+"""Coupling transforms of the transformed half xa, given the network output h of the untouched half.
+
+Pure-PyTorch reference beside the dispatching entry points; Triton kernels live in kernels/coupling_affine.py.
+
+Affine: h: [N, 2*Ca, H, W] with shift = h[:, :Ca], raw = h[:, Ca:], s = sigmoid(raw + 2) (bounded in (0, 1),
+as the reference implementation does, so a step can only contract):
+    ya = (xa + shift) * s          logdet = sum_{c,h,w} log s      (per sample, shape [N])
+    xa = ya / s - shift
+Reversible backward, derived (using ya directly, so nothing but ya and h is read):
+    gxa = s * gya      gshift = gxa      graw = (gya * ya + glogdet) * (1 - s)
+    (d log s / d raw = 1 - s;  d ya / d raw = (xa + shift) * s * (1 - s) = ya * (1 - s))
+Additive: h: [N, Ca, H, W], ya = xa + h, logdet = 0; gxa = gh = gya.
+
+h may be bfloat16 (coupling network under autocast); everything is computed in float32 or wider.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "coupling_affine_reference", "coupling_affine_inverse_reference",
+    "coupling_affine_reversible_backward_reference",
+    "coupling_affine", "coupling_affine_inverse", "coupling_affine_reversible_backward",
+    "coupling_additive", "coupling_additive_inverse", "coupling_additive_reversible_backward",
+]
+
+
+def _split_h(xa: torch.Tensor, h: torch.Tensor):
+    h = h.to(xa.dtype)
+    ca = xa.shape[1]
+    return h[:, :ca], h[:, ca:]
+
+
+def coupling_affine_reference(xa, h):
+    shift, raw = _split_h(xa, h)
+    ya = (xa + shift) * torch.sigmoid(raw + 2.0)
+    logdet = F.logsigmoid(raw + 2.0).flatten(1).sum(1)
+    return ya, logdet
+
+
+def coupling_affine_inverse_reference(ya, h):
+    """Returns (xa, logdet of the forward map)."""
+    shift, raw = _split_h(ya, h)
+    xa = ya / torch.sigmoid(raw + 2.0) - shift
+    logdet = F.logsigmoid(raw + 2.0).flatten(1).sum(1)
+    return xa, logdet
+
+
+def coupling_affine_reversible_backward_reference(ya, h, grad_ya, grad_logdet):
+    """From ya, h, dL/dya and dL/dlogdet [N]: (xa, dL/dxa, dL/dh) with dL/dh in h's layout and dtype ya's."""
+    shift, raw = _split_h(ya, h)
+    s = torch.sigmoid(raw + 2.0)
+    xa = ya / s - shift
+    grad_xa = grad_ya * s
+    grad_raw = (grad_ya * ya + grad_logdet.to(ya.dtype).view(-1, 1, 1, 1)) * (1.0 - s)
+    return xa, grad_xa, torch.cat([grad_xa, grad_raw], dim=1)
+
+
+def coupling_affine(xa, h, backend: str = "torch"):
+    """Differentiable forward: (ya, logdet)."""
+    if backend == "triton":
+        from revglow.ops._triton_functions import coupling_affine_triton
+        return coupling_affine_triton(xa, h)
+    return coupling_affine_reference(xa, h)
+
+
+def coupling_affine_inverse(ya, h, backend: str = "torch"):
+    if backend == "triton":
+        from revglow.kernels.coupling_affine import coupling_affine_inverse_launch
+        return coupling_affine_inverse_launch(ya, h)
+    return coupling_affine_inverse_reference(ya, h)
+
+
+def coupling_affine_reversible_backward(ya, h, grad_ya, grad_logdet, backend: str = "torch"):
+    if backend == "triton":
+        from revglow.kernels.coupling_affine import coupling_affine_reversible_backward_launch
+        return coupling_affine_reversible_backward_launch(ya, h, grad_ya, grad_logdet)
+    return coupling_affine_reversible_backward_reference(ya, h, grad_ya, grad_logdet)
+
+
+# Additive coupling is the s = 1 special case; it is a single add, which eager PyTorch already does in
+# one pass, so it has no kernel of its own.
+def coupling_additive(xa, h, backend: str = "torch"):
+    return xa + h.to(xa.dtype), xa.new_zeros(xa.shape[0])
+
+
+def coupling_additive_inverse(ya, h, backend: str = "torch"):
+    return ya - h.to(ya.dtype), ya.new_zeros(ya.shape[0])
+
+
+def coupling_additive_reversible_backward(ya, h, grad_ya, grad_logdet, backend: str = "torch"):
+    return ya - h.to(ya.dtype), grad_ya, grad_ya
