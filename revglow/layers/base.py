@@ -1,0 +1,60 @@
+"""The one contract every invertible piece of revglow follows.
+
+    forward(x)  -> (y, logdet)   logdet = log|det dy/dx| per sample, shape [N]
+    inverse(y)  -> (x, logdet)   logdet = log|det dy/dx| of the *forward* map at x, per sample, shape [N]
+
+so `inverse` returns the same logdet as `forward` would (the change of variables of y = f(x) adds it).
+
+For the reversible engine a module also offers
+
+    inverse_vjp(y, grad_y, grad_logdet) -> (x, grad_x, param_grads)
+
+which rebuilds the input x from the output y and returns dL/dx and, for each parameter that requires grad,
+dL/dparam (a dict keyed by the parameter), given dL/dy and dL/dlogdet. The default below inverts, then
+replays the forward with autograd; layers with structure (couplings, fused ActNorm + 1x1 conv) override it
+to avoid the extra work.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["InvertibleModule", "ParamGrads", "grads_for"]
+
+ParamGrads = Dict[nn.Parameter, torch.Tensor]
+
+
+def grads_for(outputs, grad_outputs, params) -> ParamGrads:
+    """dL/dparam for `params` by a vector-Jacobian product of `outputs`; unused parameters get no entry."""
+    params = [p for p in params if p.requires_grad]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad and g is not None]
+    if not params or not pairs:
+        return {}
+    grads = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
+    return {p: g for p, g in zip(params, grads) if g is not None}
+
+
+class InvertibleModule(nn.Module):
+    """Base class: subclasses implement forward and inverse; inverse_vjp comes for free."""
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
+        with torch.no_grad():
+            x, _ = self.inverse(y)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y_again, logdet = self.forward(x)
+        params = [p for p in self.parameters() if p.requires_grad]
+        outputs, grads = [y_again, logdet], [grad_y, grad_logdet]
+        inputs = [x] + params
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        result = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+        grad_x = result[0] if result[0] is not None else torch.zeros_like(x)
+        return x.detach(), grad_x, {p: g for p, g in zip(params, result[1:]) if g is not None}

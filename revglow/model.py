@@ -1,0 +1,249 @@
+"""Multi-scale Glow (paper, section 3 and Figure 2b): L levels of squeeze, K flow steps and split, a learned
+top prior, n-bit images, bits per dimension, temperature sampling.
+
+The steps of each level run through `ReversibleSequence`, so `GlowConfig.memory` chooses how they train.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from revglow.config import GlowConfig
+from revglow.layers import FlowStep, SplitPrior, TopPrior, squeeze2d, unsqueeze2d
+from revglow.layers.actnorm import ActNorm
+from revglow.reversible import ReversibleSequence
+
+__all__ = ["Glow"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
+    return (-0.5 * (eps * eps + _LOG_2PI)).flatten(1).sum(1)
+
+
+class Glow(nn.Module):
+    """The Glow model. `model(x)` is the training loss: per-sample bits per dimension of images x.
+
+    Example:
+        >>> model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16))
+        >>> x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+        >>> bpd = model(x)                  # initializes ActNorm from this batch on the first call
+        >>> bpd.shape
+        torch.Size([4])
+        >>> model.sample(2, temperature=0.7).shape
+        torch.Size([2, 1, 8, 8])
+    """
+
+    def __init__(self, config: GlowConfig):
+        super().__init__()
+        if not isinstance(config, GlowConfig):
+            raise TypeError(f"Glow expects a GlowConfig; got {type(config).__name__}")
+        self.config = config
+        c, h, w = config.image_shape
+        self.flows = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        self.latent_shapes = []
+        seed = 0
+        for level in range(config.levels):
+            c, h, w = 4 * c, h // 2, w // 2
+            steps = []
+            for _ in range(config.depth):
+                steps.append(FlowStep(c, config.hidden, config.coupling, config.permutation, config.kernels, seed))
+                seed += 1
+            self.flows.append(ReversibleSequence(steps, config.memory, config.check_reconstruction,
+                                                 config.reconstruction_tol))
+            if level < config.levels - 1:
+                split = SplitPrior(c)
+                self.splits.append(split)
+                self.latent_shapes.append((c - split.kept, h, w))
+                c = split.kept
+        self.latent_shapes.append((c, h, w))
+        self.top_prior = TopPrior((c, h, w), config.learn_top, config.num_classes)
+
+    # ----------------------------------------------------------------------------------------- checks
+    @property
+    def n_bins(self) -> int:
+        return 2 ** self.config.n_bits
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(m.is_initialized for m in self.modules() if isinstance(m, ActNorm))
+
+    def _require_initialized(self, what: str) -> None:
+        if not self.is_initialized:
+            raise RuntimeError(f"Glow.{what}: the model is not initialized; call model.initialize(x) on a batch of "
+                               f"data (or run a training forward, model(x)) first")
+
+    def _param_dtype(self):
+        return next(self.parameters()).dtype
+
+    def _check_images(self, x, what: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Glow.{what}: images must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"Glow.{what}: images must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"Glow.{what}: empty batch")
+        if tuple(x.shape[1:]) != tuple(self.config.image_shape):
+            raise ValueError(f"Glow.{what}: images of shape {tuple(x.shape[1:])} given to a model of image_shape "
+                             f"{tuple(self.config.image_shape)}")
+
+    def _check_raw_images(self, x, what: str) -> None:
+        self._check_images(x, what)
+        if x.dtype == torch.uint8:
+            return
+        if not x.is_floating_point():
+            raise TypeError(f"Glow.{what}: images must be uint8 (0..255) or float in [0, 1]; got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"Glow.{what}: images contain NaN or Inf")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"Glow.{what}: float images must lie in [0, 1]; got values in [{lo:g}, {hi:g}] "
+                             f"(pass uint8 for 0..255 data)")
+
+    def _check_preprocessed(self, xc, what: str) -> None:
+        self._check_images(xc, what)
+        if not xc.is_floating_point():
+            raise TypeError(f"Glow.{what}: expects preprocessed float input (see Glow.preprocess); got {xc.dtype}")
+        if not torch.isfinite(xc).all():
+            raise ValueError(f"Glow.{what}: input contains NaN or Inf")
+
+    def _check_labels(self, y, n: int, what: str):
+        k = self.config.num_classes
+        if k == 0:
+            if y is not None:
+                raise ValueError(f"Glow.{what}: labels y were given to an unconditional model (num_classes=0)")
+            return None
+        if y is None:
+            raise ValueError(f"Glow.{what}: this model is class-conditional (num_classes={k}); pass labels y")
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y)
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+            raise TypeError(f"Glow.{what}: labels y must be an integer tensor; got dtype {y.dtype}")
+        if y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"Glow.{what}: labels y must have shape [{n}]; got {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise ValueError(f"Glow.{what}: labels y must lie in [0, {k - 1}]; got values in "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return y.long()
+
+    # ------------------------------------------------------------------------------------ data <-> xc
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (uint8 0..255, or float in [0, 1] read as 8-bit values) -> integers 0..2**n_bits - 1, as float."""
+        if x.dtype == torch.uint8:
+            x8 = x.to(self._param_dtype())
+        else:
+            x8 = torch.round(x.to(self._param_dtype()) * 255.0)
+        return torch.floor(x8 / 2 ** (8 - self.config.n_bits))
+
+    def preprocess(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """Reduce to n_bits, scale to [-0.5, 0.5], add uniform dequantization noise of one bin's width."""
+        self._check_raw_images(x, "preprocess")
+        xq = self.quantize(x)
+        xc = xq / self.n_bins - 0.5
+        if noise:
+            xc = xc + torch.rand_like(xc) / self.n_bins
+        return xc
+
+    def postprocess(self, xc: torch.Tensor) -> torch.Tensor:
+        """Inverse of preprocess up to the noise: values in [-0.5, 0.5] -> images as floats in [0, 1] on the n-bit grid."""
+        xq = torch.clamp(torch.floor((xc + 0.5) * self.n_bins), 0, self.n_bins - 1)
+        return xq / (self.n_bins - 1)
+
+    # --------------------------------------------------------------------------------- the bijection
+    def _encode(self, xc: torch.Tensor, y):
+        logdet = torch.zeros(xc.shape[0], dtype=xc.dtype, device=xc.device)
+        latents: List[torch.Tensor] = []
+        h = xc
+        for level, flow in enumerate(self.flows):
+            h = squeeze2d(h)
+            h, ld = flow(h)
+            logdet = logdet + ld
+            if level < len(self.splits):
+                h, eps, ld = self.splits[level](h)
+                latents.append(eps)
+                logdet = logdet + ld
+        eps, ld = self.top_prior(h, y)
+        latents.append(eps)
+        return latents, logdet + ld
+
+    def encode(self, xc: torch.Tensor, y=None) -> List[torch.Tensor]:
+        """Preprocessed images -> one standard-normal latent per level (split priors' standardization included)."""
+        self._check_preprocessed(xc, "encode")
+        y = self._check_labels(y, xc.shape[0], "encode")
+        self._require_initialized("encode")
+        return self._encode(xc, y)[0]
+
+    def decode(self, latents: List[torch.Tensor], y=None) -> torch.Tensor:
+        """Exact inverse of encode: latents -> preprocessed images in [-0.5, 0.5] (up to the model's fit)."""
+        self._require_initialized("decode")
+        if not isinstance(latents, (list, tuple)) or len(latents) != len(self.latent_shapes):
+            raise ValueError(f"Glow.decode: expects a list of {len(self.latent_shapes)} latents (one per level)")
+        n = latents[0].shape[0]
+        for i, (eps, shape) in enumerate(zip(latents, self.latent_shapes)):
+            if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != (n,) + tuple(shape):
+                got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+                raise ValueError(f"Glow.decode: latent {i} must have shape [N, {shape[0]}, {shape[1]}, {shape[2]}]; "
+                                 f"got {got}")
+        y = self._check_labels(y, n, "decode")
+        h, _ = self.top_prior.inverse(latents[-1], y)
+        for level in reversed(range(len(self.flows))):
+            if level < len(self.splits):
+                h, _ = self.splits[level].inverse(h, latents[level])
+            h, _ = self.flows[level].inverse(h)
+            h = unsqueeze2d(h)
+        return h
+
+    def log_prob(self, xc: torch.Tensor, y=None) -> torch.Tensor:
+        """Per-sample log density of preprocessed images in nats: sum log N(eps; 0, I) + log|det d eps / d xc|."""
+        self._check_preprocessed(xc, "log_prob")
+        y = self._check_labels(y, xc.shape[0], "log_prob")
+        self._require_initialized("log_prob")
+        latents, logdet = self._encode(xc, y)
+        return sum(_standard_normal_log_prob(eps) for eps in latents) + logdet
+
+    def bits_per_dim(self, xc: torch.Tensor, y=None) -> torch.Tensor:
+        """Per-sample bits/dim of the discrete n-bit images that xc dequantizes.
+
+        The density of xc on [-0.5, 0.5]^D is over bins of width 1/n_bins, so the discrete log-likelihood
+        bound is log p(xc) - D log(n_bins): bits/dim = -(log p(xc) - D log n_bins) / (D log 2).
+        """
+        d = self.config.num_dims
+        return -(self.log_prob(xc, y) - d * math.log(self.n_bins)) / (d * math.log(2.0))
+
+    def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
+        """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1])."""
+        self._check_raw_images(x, "forward")
+        y = self._check_labels(y, x.shape[0], "forward")
+        if not self.is_initialized:
+            self.initialize(x, y)
+        return self.bits_per_dim(self.preprocess(x), y)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, y=None) -> None:
+        """Data-dependent initialization of every ActNorm on a batch of images (paper, section 3.1)."""
+        self._check_raw_images(x, "initialize")
+        y = self._check_labels(y, x.shape[0], "initialize")
+        for m in self.modules():
+            if isinstance(m, ActNorm):
+                m.initialized.fill_(False)
+        self._encode(self.preprocess(x), y)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, y=None, generator: Optional[torch.Generator] = None):
+        """n images as floats in [0, 1], with latents drawn from N(0, temperature^2 I) (paper, section 5)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Glow.sample: n must be a positive int; got {n!r}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"Glow.sample: temperature must be a finite number >= 0; got {temperature!r}")
+        self._require_initialized("sample")
+        ref = next(self.parameters())
+        latents = [torch.randn((n,) + tuple(s), generator=generator, dtype=ref.dtype, device=ref.device) * temperature
+                   for s in self.latent_shapes]
+        if y is not None and not isinstance(y, torch.Tensor):
+            y = torch.full((n,), int(y), dtype=torch.long, device=ref.device)
+        return self.postprocess(self.decode(latents, y))
