@@ -1,0 +1,467 @@
+"""Image data sets for training and evaluation, read from local files only (nothing is downloaded).
+
+Every data set is a pair of torch Datasets (train, test) whose items are `(image, label)`: image a uint8
+tensor [C, H, W] with values 0..255, label an int (-1 when the data set has no labels).
+
+Sources (`load_dataset(name, root, image_size)`):
+  digits   the 8x8 handwritten digits shipped with scikit-learn (1797 images, 10 classes), grey levels
+           0..16 mapped to 0..255; a fixed split (seed 0) keeps 20% for the test set.
+  cifar10  the CIFAR-10 "python" batches (data_batch_1..5, test_batch) in the folder `root`.
+  folder   PNG/JPEG files under `root`, searched recursively; class subfolders give labels; `root/train`
+           and `root/test` give the split when both exist, else a fixed 10% test split.
+  npz      a NumPy .npz file `root` with x_train/x_test (+ y_train/y_test), or images|x (+ labels|y)
+           and a fixed 10% test split; [N, H, W, C], [N, C, H, W] or [N, H, W] uint8 arrays.
+
+Training order is reproducible and resumable: `EpochBatchSampler` draws each epoch's permutation from
+(seed, epoch) alone, and a `DataPosition` (epoch, index into that permutation) says where to go on.
+
+Example:
+    >>> data = load_dataset("digits")
+    >>> data.image_shape, data.num_classes, len(data.train), len(data.test)
+    ((1, 8, 8), 10, 1438, 359)
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .images import IMAGE_SUFFIXES, load_image
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "ImageData",
+    "TensorImageDataset",
+    "ImageFileDataset",
+    "DataPosition",
+    "EpochBatchSampler",
+    "epoch_permutation",
+    "load_dataset",
+    "load_digits",
+    "load_cifar10",
+    "load_image_folder",
+    "load_npz",
+    "make_train_loader",
+    "make_eval_loader",
+    "stack_images",
+]
+
+DATASETS = ("digits", "cifar10", "folder", "npz")
+SPLIT_SEED = 0                 # the fixed train/test split does not depend on the training seed
+DIGITS_TEST_FRACTION = 0.2
+DEFAULT_TEST_FRACTION = 0.1
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class DataError(ValueError):
+    """A data set is missing or not in the expected format; the message says what was expected where."""
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory: uint8 [N, C, H, W] and optional int labels [N]."""
+
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            raise DataError("TensorImageDataset expects a uint8 tensor [N, C, H, W]")
+        if labels is not None and (labels.dim() != 1 or labels.shape[0] != images.shape[0]):
+            raise DataError(f"labels must be [N] with N = {images.shape[0]}; got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = None if labels is None else labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        label = -1 if self.labels is None else int(self.labels[index])
+        return self.images[index], label
+
+
+class ImageFileDataset(Dataset):
+    """Image files read on demand, resized (shorter side) and centre-cropped to `size`, as uint8 [C, H, W]."""
+
+    def __init__(self, paths: Sequence[Path], labels: Optional[Sequence[int]], size: Tuple[int, int],
+                 channels: int) -> None:
+        if labels is not None and len(labels) != len(paths):
+            raise DataError(f"{len(paths)} image files but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = None if labels is None else [int(v) for v in labels]
+        self.size = tuple(size)
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        image = load_image(self.paths[index], size=self.size, channels=self.channels)
+        label = -1 if self.labels is None else self.labels[index]
+        return image, label
+
+
+@dataclass
+class ImageData:
+    """A data set with its fixed split, image shape (C, H, W) and number of classes (0: unlabelled)."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    image_shape: Tuple[int, int, int]
+    num_classes: int = 0
+    class_names: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _split_indices(n: int, test_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Fixed permutation (seed SPLIT_SEED): the last `test_fraction` of it is the test set."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_test = max(1, int(round(n * test_fraction))) if n > 1 else 0
+    return np.sort(order[: n - n_test]), np.sort(order[n - n_test:])
+
+
+def _split_tensors(name: str, images: torch.Tensor, labels: Optional[torch.Tensor], test_fraction: float,
+                   class_names: Sequence[str] = ()) -> ImageData:
+    if images.shape[0] < 2:
+        raise DataError(f"{name}: need at least 2 images to make a train/test split; got {images.shape[0]}")
+    train_idx, test_idx = _split_indices(images.shape[0], test_fraction)
+    pick = (lambda t, i: None if t is None else t[torch.from_numpy(i)])
+    return _make_data(name, TensorImageDataset(pick(images, train_idx), pick(labels, train_idx)),
+                      TensorImageDataset(pick(images, test_idx), pick(labels, test_idx)),
+                      tuple(images.shape[1:]), labels, class_names)
+
+
+def _make_data(name: str, train: Dataset, test: Dataset, image_shape, labels, class_names=()) -> ImageData:
+    num_classes = 0
+    if labels is not None and len(labels):
+        labels = torch.as_tensor(labels)
+        if int(labels.min()) < 0:
+            raise DataError(f"{name}: labels must be >= 0; found {int(labels.min())}")
+        num_classes = int(labels.max()) + 1
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    return ImageData(name, train, test, tuple(int(s) for s in image_shape), num_classes, names)
+
+
+def _to_nchw(array: np.ndarray, where: str) -> np.ndarray:
+    """uint8 images [N, C, H, W] from [N, H, W, C], [N, C, H, W] or [N, H, W]; C must be 1 or 3."""
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise DataError(f"{where}: expected images [N, H, W, C], [N, C, H, W] or [N, H, W]; got shape {array.shape}")
+    if array.shape[1] in (1, 3):          # channels first (wins when both axes could be channels)
+        pass
+    elif array.shape[3] in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{where}: cannot find a channel axis with 1 or 3 entries in shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.integer) or array.size and (array.min() < 0 or array.max() > 255):
+            raise DataError(f"{where}: images must be uint8 (0..255); got dtype {array.dtype}")
+        array = array.astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _labels_array(array: np.ndarray, n: int, where: str) -> torch.Tensor:
+    array = np.asarray(array).reshape(-1)
+    if array.shape[0] != n:
+        raise DataError(f"{where}: {array.shape[0]} labels for {n} images")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{where}: labels must be integers; got dtype {array.dtype}")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _check_image_size(name: str, image_size: Optional[int], shape: Tuple[int, int, int]) -> None:
+    if image_size is not None and (shape[1], shape[2]) != (image_size, image_size):
+        raise DataError(f"{name} images are {shape[1]}x{shape[2]}; --image-size {image_size} only applies to "
+                        f"--data folder (resize the images yourself for other data sets)")
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+def load_digits() -> ImageData:
+    """scikit-learn's 8x8 digits as uint8 [N, 1, 8, 8] (round(v * 255 / 16)), labels 0..9, fixed 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as exc:
+        raise DataError("--data digits needs scikit-learn (pip install scikit-learn)") from exc
+    bunch = sklearn_digits()
+    images = np.round(bunch.images.astype(np.float64) * 255.0 / 16.0).clip(0, 255).astype(np.uint8)
+    images = torch.from_numpy(images[:, None])
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return _split_tensors("digits", images, labels, DIGITS_TEST_FRACTION)
+
+
+def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+    except Exception as exc:
+        raise DataError(f"{path}: not a CIFAR-10 python batch (a pickled dict) ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: expected a pickled dict with b'data' and b'labels'; got {type(batch).__name__}")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise DataError(f"{path}: expected keys b'data' (uint8 [N, 3072]) and b'labels'; found {sorted(map(str, batch))}")
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: b'data' must be uint8 [N, 3072]; got {data.dtype} {data.shape}")
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(root: Optional[str]) -> ImageData:
+    """CIFAR-10 python batches from `root` (or `root/cifar-10-batches-py`): data_batch_1..5 and test_batch."""
+    if root is None:
+        raise DataError("--data cifar10 needs --data-root: a folder holding the CIFAR-10 python batches "
+                        f"({', '.join(CIFAR10_TRAIN_FILES)}, {CIFAR10_TEST_FILE})")
+    folder = Path(root)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; --data cifar10 expects the CIFAR-10 python batches there")
+    expected = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
+    missing = [name for name in expected if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing CIFAR-10 python batch file(s) {', '.join(missing)} "
+                        f"(expected {', '.join(expected)}; the 'CIFAR-10 python version' archive, unpacked)")
+    parts = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
+    train_x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    train_y = _labels_array(np.concatenate([p[1] for p in parts]), train_x.shape[0], str(folder))
+    test_x, test_y = _read_cifar_batch(folder / CIFAR10_TEST_FILE)
+    test_y = _labels_array(test_y, test_x.shape[0], str(folder / CIFAR10_TEST_FILE))
+    return _make_data("cifar10", TensorImageDataset(train_x, train_y),
+                      TensorImageDataset(torch.from_numpy(test_x), test_y),
+                      (3, 32, 32), torch.cat([train_y, test_y]), CIFAR10_CLASSES)
+
+
+def _image_files(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _labelled_files(folder: Path, classes: Optional[List[str]]) -> Tuple[List[Path], Optional[List[int]], List[str]]:
+    """Files under `folder`; labels from its immediate subfolders when every image lies in one."""
+    files = _image_files(folder)
+    if classes is None:
+        direct = [p for p in files if p.parent == folder]
+        subdirs = sorted({p.relative_to(folder).parts[0] for p in files if p.parent != folder})
+        classes = subdirs if subdirs and not direct else []
+    if not classes:
+        return files, None, []
+    index = {name: i for i, name in enumerate(classes)}
+    labels = []
+    for p in files:
+        name = p.relative_to(folder).parts[0] if p.parent != folder else None
+        if name not in index:
+            raise DataError(f"{p}: not in one of the class subfolders {classes} of {folder}")
+        labels.append(index[name])
+    return files, labels, classes
+
+
+def _folder_channels(files: Sequence[Path]) -> int:
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as picture:
+                if picture.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                    return 3
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable image ({exc})") from exc
+    return 1
+
+
+def load_image_folder(root: Optional[str], image_size: Optional[int]) -> ImageData:
+    """PNG/JPEG files under `root` (recursive), resized and centre-cropped to image_size x image_size.
+
+    Labels come from class subfolders (root/CLASS/...) when every image lies in one. With root/train and
+    root/test present those are the split; otherwise a fixed 10% of the files is the test set. Images are
+    grey (C=1) when every file is grey, else RGB.
+    """
+    if root is None:
+        raise DataError("--data folder needs --data-root: a folder of PNG/JPEG images (class subfolders optional)")
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; --data folder expects a folder of PNG/JPEG images")
+    if image_size is None or image_size < 1:
+        raise DataError(f"--data folder needs --image-size (a positive int); got {image_size}")
+    size = (image_size, image_size)
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        train_files, train_labels, classes = _labelled_files(folder / "train", None)
+        test_files, test_labels, _ = _labelled_files(folder / "test", classes or [])
+        if classes and test_labels is None:
+            raise DataError(f"{folder / 'test'}: expected the class subfolders {classes} of {folder / 'train'}")
+        for part, files in (("train", train_files), ("test", test_files)):
+            if not files:
+                raise DataError(f"{folder / part}: no PNG/JPEG images found (looked for {IMAGE_SUFFIXES})")
+    else:
+        files, labels, classes = _labelled_files(folder, None)
+        if len(files) < 2:
+            raise DataError(f"{folder}: found {len(files)} PNG/JPEG image(s); need at least 2 "
+                            f"(looked recursively for {IMAGE_SUFFIXES})")
+        train_idx, test_idx = _split_indices(len(files), DEFAULT_TEST_FRACTION)
+        train_files, test_files = [files[i] for i in train_idx], [files[i] for i in test_idx]
+        train_labels = None if labels is None else [labels[i] for i in train_idx]
+        test_labels = None if labels is None else [labels[i] for i in test_idx]
+    channels = _folder_channels(train_files + test_files)
+    all_labels = None if train_labels is None else torch.tensor(train_labels + (test_labels or []))
+    data = _make_data("folder", ImageFileDataset(train_files, train_labels, size, channels),
+                      ImageFileDataset(test_files, test_labels, size, channels),
+                      (channels, image_size, image_size), all_labels, classes)
+    if classes:
+        data.num_classes = len(classes)
+    return data
+
+
+def _first_key(archive, names: Sequence[str]) -> Optional[str]:
+    return next((k for k in names if k in archive.files), None)
+
+
+def load_npz(root: Optional[str]) -> ImageData:
+    """Images from a .npz file: x_train/x_test (+ y_train/y_test), or images|x (+ labels|y), uint8."""
+    if root is None:
+        raise DataError("--data npz needs --data-root: the path of a .npz file with uint8 images "
+                        "(keys x_train/x_test, or images or x; labels optional)")
+    path = Path(root)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; --data npz expects a NumPy .npz file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not hasattr(archive, "files"):
+            raise DataError(f"{path}: a single .npy array, not a .npz archive with named arrays")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    with archive:
+        if "x_train" in archive.files and "x_test" in archive.files:
+            train_x = _to_nchw(archive["x_train"], f"{path}[x_train]")
+            test_x = _to_nchw(archive["x_test"], f"{path}[x_test]")
+            if train_x.shape[1:] != test_x.shape[1:]:
+                raise DataError(f"{path}: x_train images {train_x.shape[1:]} and x_test images {test_x.shape[1:]} differ")
+            has_y = "y_train" in archive.files and "y_test" in archive.files
+            train_y = _labels_array(archive["y_train"], train_x.shape[0], f"{path}[y_train]") if has_y else None
+            test_y = _labels_array(archive["y_test"], test_x.shape[0], f"{path}[y_test]") if has_y else None
+            labels = torch.cat([train_y, test_y]) if has_y else None
+            if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+                raise DataError(f"{path}: x_train and x_test must both hold at least one image")
+            return _make_data("npz", TensorImageDataset(torch.from_numpy(train_x), train_y),
+                              TensorImageDataset(torch.from_numpy(test_x), test_y), train_x.shape[1:], labels)
+        image_key = _first_key(archive, ("images", "x"))
+        if image_key is None:
+            raise DataError(f"{path}: expected arrays x_train and x_test, or images or x; found {archive.files}")
+        images = _to_nchw(archive[image_key], f"{path}[{image_key}]")
+        label_key = _first_key(archive, ("labels", "y"))
+        labels = _labels_array(archive[label_key], images.shape[0], f"{path}[{label_key}]") if label_key else None
+    return _split_tensors("npz", torch.from_numpy(images), labels, DEFAULT_TEST_FRACTION)
+
+
+def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int] = None) -> ImageData:
+    """Load one of DATASETS from local files (see the module docstring)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {DATASETS}")
+    if name == "folder":
+        return load_image_folder(root, image_size)
+    data = load_digits() if name == "digits" else load_cifar10(root) if name == "cifar10" else load_npz(root)
+    _check_image_size(name, image_size, data.image_shape)
+    return data
+
+
+# ------------------------------------------------------------------------------------- order and loading
+
+@dataclass
+class DataPosition:
+    """Where training is in the data: the epoch, and the index into that epoch's permutation."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataPosition":
+        try:
+            return cls(epoch=int(data["epoch"]), index=int(data["index"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"a data position needs int 'epoch' and 'index'; got {data!r}") from exc
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of items in `epoch`: a permutation that depends on (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(num_items, generator=generator)
+
+
+class EpochBatchSampler(Sampler[List[int]]):
+    """Batches of indices for one epoch, starting at a position inside it.
+
+    Only full batches are drawn (the remainder of each epoch's permutation is skipped), unless the data
+    set is smaller than one batch, in which case the one batch is the whole data set.
+    Call `set_position` before iterating; the sampler never touches the global RNG.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+        if num_items < 1:
+            raise ValueError("EpochBatchSampler: the data set is empty")
+        if batch_size < 1:
+            raise ValueError(f"EpochBatchSampler: batch_size must be >= 1; got {batch_size}")
+        self.num_items = num_items
+        self.batch_size = min(batch_size, num_items)
+        self.seed = seed
+        self.position = DataPosition()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // self.batch_size
+
+    def set_position(self, position: DataPosition) -> None:
+        self.position = DataPosition(position.epoch, position.index)
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.position.index // self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = epoch_permutation(self.num_items, self.seed, self.position.epoch).tolist()
+        end = self.batches_per_epoch * self.batch_size
+        for start in range(self.position.index, end - self.batch_size + 1, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> Tuple[DataLoader, EpochBatchSampler]:
+    """A DataLoader over `dataset` in the resumable order of an `EpochBatchSampler` (returned too)."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0; got {workers}")
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed)
+    # A private generator: DataLoader otherwise draws its worker base seed from the global torch RNG,
+    # which would shift the dequantization noise and break exact resume.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
+def make_eval_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
+    """A DataLoader over `dataset` in its stored order (for evaluation)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def stack_images(dataset: Dataset, batch_size: int = 512, workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All images of `dataset` as one uint8 tensor [N, C, H, W], and the labels [N] (-1: none)."""
+    if isinstance(dataset, TensorImageDataset):
+        labels = dataset.labels if dataset.labels is not None else torch.full((len(dataset),), -1)
+        return dataset.images, labels
+    images, labels = [], []
+    for x, y in make_eval_loader(dataset, batch_size, workers):
+        images.append(x)
+        labels.append(torch.as_tensor(y))
+    return torch.cat(images), torch.cat(labels)
+

@@ -1,0 +1,215 @@
+"""Data sets (in their real on-disk formats, written here), resumable order, images, and the baseline."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from revglow.baseline import PixelCategoricalBaseline, reduce_bits
+from revglow.data import (DataError, DataPosition, EpochBatchSampler, load_dataset, make_train_loader,
+                          stack_images)
+from revglow.images import load_image, make_grid, save_grid, save_image
+
+
+# ------------------------------------------------------------------------------------ writers (shared)
+
+def write_cifar10(folder, per_batch=6, seed=0):
+    """A miniature CIFAR-10 in the real python-batch format: pickled dicts with b'data' and b'labels'."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+                 b"batch_label": name.encode()}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+    return folder
+
+
+def write_image_folder(folder, classes=("cat", "dog"), per_class=5, size=(10, 12), mode="RGB", seed=0):
+    """PNG files in class subfolders (JPEG for every third file)."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            channels = 3 if mode == "RGB" else 1
+            array = rng.integers(0, 256, (size[0], size[1], channels), dtype=np.uint8)
+            picture = Image.fromarray(array if channels == 3 else array[:, :, 0], mode=mode)
+            picture.save(folder / name / f"img{i}.{'jpg' if i % 3 == 2 else 'png'}")
+    return folder
+
+
+def write_npz(path, n=20, layout="nhwc", channels=1, size=8, labels=True, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (n, size, size, channels) if layout == "nhwc" else (n, channels, size, size)
+    arrays = {"images": rng.integers(0, 256, shape, dtype=np.uint8)}
+    if labels:
+        arrays["labels"] = rng.integers(0, 3, n)
+    np.savez(path, **arrays)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- data sets
+
+def test_digits_fixed_split_and_scaling():
+    data = load_dataset("digits")
+    assert data.image_shape == (1, 8, 8) and data.num_classes == 10
+    assert len(data.train) + len(data.test) == 1797
+    image, label = data.train[0]
+    assert image.dtype == torch.uint8 and image.shape == (1, 8, 8) and 0 <= label < 10
+    values = torch.unique(data.train.images)
+    assert set(values.tolist()) <= {round(v * 255 / 16) for v in range(17)} and int(values.max()) == 255
+    again = load_dataset("digits")
+    assert torch.equal(again.test.images, data.test.images)
+
+
+def test_cifar10_format(tmp_path):
+    write_cifar10(tmp_path / "cifar")
+    data = load_dataset("cifar10", str(tmp_path / "cifar"))
+    assert data.image_shape == (3, 32, 32) and len(data.train) == 30 and len(data.test) == 6
+    with open(tmp_path / "cifar" / "data_batch_1", "rb") as handle:
+        raw = pickle.load(handle, encoding="bytes")
+    assert torch.equal(data.train[0][0].flatten(), torch.from_numpy(raw[b"data"][0]))
+    assert data.train[0][1] == raw[b"labels"][0]
+
+
+def test_cifar10_missing_files_named(tmp_path):
+    write_cifar10(tmp_path / "cifar")
+    (tmp_path / "cifar" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"cifar.*data_batch_3"):
+        load_dataset("cifar10", str(tmp_path / "cifar"))
+    (tmp_path / "cifar" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="data_batch_3.*not a CIFAR-10 python batch"):
+        load_dataset("cifar10", str(tmp_path / "cifar"))
+    with pytest.raises(DataError, match="needs --data-root"):
+        load_dataset("cifar10", None)
+
+
+def test_image_folder_with_classes(tmp_path):
+    write_image_folder(tmp_path / "pics")
+    data = load_dataset("folder", str(tmp_path / "pics"), image_size=8)
+    assert data.image_shape == (3, 8, 8) and data.num_classes == 2 and data.class_names == ["cat", "dog"]
+    assert len(data.train) + len(data.test) == 10 and len(data.test) == 1
+    image, label = data.train[0]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label in (0, 1)
+
+
+def test_image_folder_grey_and_train_test_subfolders(tmp_path):
+    write_image_folder(tmp_path / "pics" / "train", classes=("a",), per_class=4, mode="L")
+    write_image_folder(tmp_path / "pics" / "test", classes=("a",), per_class=2, mode="L", seed=1)
+    data = load_dataset("folder", str(tmp_path / "pics"), image_size=4)
+    assert data.image_shape == (1, 4, 4) and len(data.train) == 4 and len(data.test) == 2
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        load_dataset("folder", str(tmp_path / "nope"), image_size=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="found 0 PNG/JPEG"):
+        load_dataset("folder", str(tmp_path / "empty"), image_size=8)
+    write_image_folder(tmp_path / "pics")
+    with pytest.raises(DataError, match="--image-size"):
+        load_dataset("folder", str(tmp_path / "pics"), image_size=None)
+
+
+@pytest.mark.parametrize("layout,channels", [("nhwc", 1), ("nchw", 3), ("nhwc", 3)])
+def test_npz_layouts(tmp_path, layout, channels):
+    write_npz(tmp_path / "d.npz", layout=layout, channels=channels)
+    data = load_dataset("npz", str(tmp_path / "d.npz"))
+    assert data.image_shape == (channels, 8, 8) and len(data.train) == 18 and len(data.test) == 2
+    assert data.num_classes >= 1
+
+
+def test_npz_train_test_keys_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "split.npz", x_train=rng.integers(0, 256, (5, 8, 8), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (3, 8, 8), dtype=np.uint8))
+    data = load_dataset("npz", str(tmp_path / "split.npz"))
+    assert (len(data.train), len(data.test), data.num_classes) == (5, 3, 0) and data.train[0][1] == -1
+    np.savez(tmp_path / "bad.npz", pixels=np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="expected arrays x_train and x_test, or images or x"):
+        load_dataset("npz", str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "float.npz", images=np.zeros((4, 8, 8, 1), np.float32))
+    with pytest.raises(DataError, match="uint8"):
+        load_dataset("npz", str(tmp_path / "float.npz"))
+    np.savez(tmp_path / "shape.npz", images=np.zeros((4, 8, 8, 5), np.uint8))
+    with pytest.raises(DataError, match="channel axis"):
+        load_dataset("npz", str(tmp_path / "shape.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(DataError, match="junk.npz: not a readable .npz"):
+        load_dataset("npz", str(tmp_path / "junk.npz"))
+    with pytest.raises(DataError, match="image-size"):
+        load_dataset("digits", image_size=16)
+    with pytest.raises(DataError, match="unknown data set"):
+        load_dataset("mnist")
+
+
+# ---------------------------------------------------------------------------------------------- order
+
+def test_sampler_order_depends_on_seed_and_epoch_and_resumes():
+    sampler = EpochBatchSampler(10, 3, seed=1)
+    sampler.set_position(DataPosition(0, 0))
+    full = list(sampler)
+    assert len(full) == 3 and all(len(b) == 3 for b in full)
+    sampler.set_position(DataPosition(0, 3))
+    assert list(sampler) == full[1:]
+    sampler.set_position(DataPosition(1, 0))
+    assert list(sampler) != full
+    other = EpochBatchSampler(10, 3, seed=2)
+    assert list(other) != full
+    small = EpochBatchSampler(2, 8, seed=0)
+    assert [sorted(b) for b in small] == [[0, 1]]
+
+
+def test_loader_does_not_touch_global_rng():
+    data = load_dataset("digits")
+    loader, sampler = make_train_loader(data.train, 16, seed=0)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# --------------------------------------------------------------------------------------------- images
+
+def test_grid_and_image_round_trip(tmp_path):
+    images = torch.randint(0, 256, (5, 3, 6, 7), dtype=torch.uint8)
+    grid = make_grid(images, nrow=2, padding=1)
+    assert grid.shape == (3, 1 + 3 * 7, 1 + 2 * 8)
+    assert torch.equal(grid[:, 1:7, 1:8], images[0])
+    path = save_image(images[1], tmp_path / "one.png")
+    assert torch.equal(load_image(path), images[1])
+    grey = save_image(images[2, :1], tmp_path / "grey.png", scale=2)
+    loaded = load_image(grey)
+    assert loaded.shape == (1, 12, 14) and torch.equal(loaded[:, ::2, ::2], images[2, :1])
+    assert load_image(path, size=(4, 4), channels=1).shape == (1, 4, 4)
+    out = save_grid(torch.rand(4, 1, 8, 8), tmp_path / "sub" / "grid.png")
+    assert Image.open(out).size[0] >= 256
+    with pytest.raises(ValueError, match="unsupported image file type"):
+        save_image(images[0], tmp_path / "x.gif")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="bad.png: not a readable image"):
+        load_image(tmp_path / "bad.png")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+
+
+# ------------------------------------------------------------------------------------------- baseline
+
+def test_baseline_matches_direct_count():
+    images = torch.tensor([[[[0, 255]]], [[[0, 128]]], [[[8, 255]]]], dtype=torch.uint8)   # [3, 1, 1, 2]
+    baseline = PixelCategoricalBaseline.fit(images, n_bits=1)
+    # pixel 0 levels: 0, 0, 0 -> p(0) = 4/5 ; pixel 1 levels: 1, 1, 1 -> p(1) = 4/5
+    expected = -np.log2(4 / 5)
+    assert torch.allclose(baseline.bits_per_dim(images), torch.full((3,), expected, dtype=torch.float64))
+    assert reduce_bits(images, 5).max() == 31
+
+
+def test_baseline_on_digits_is_below_uniform():
+    data = load_dataset("digits")
+    train, _ = stack_images(data.train)
+    test, _ = stack_images(data.test)
+    baseline = PixelCategoricalBaseline.fit(train, n_bits=8)
+    bpd = baseline.bits_per_dim(test).mean().item()
+    assert 1.0 < bpd < 8.0
