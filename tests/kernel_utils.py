@@ -1,0 +1,59 @@
+"""Helpers shared by the kernel tests: device choice, normwise errors, well-conditioned random parameters.
+
+Kernel tests run the real Triton kernels: on CUDA when REVGLOW_TEST_DEVICE=cuda (or, unset, when a GPU is
+present), else on CPU tensors under the Triton interpreter. tests/conftest.py sets TRITON_INTERPRET=1 on a
+machine without a GPU before anything imports triton; the same is done here, so that a test module that
+imports this one first also works without the conftest.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available() or os.environ.get("REVGLOW_TEST_DEVICE", "") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+__all__ = ["kernel_device", "rel_err", "assert_close_normwise", "random_actnorm_conv1x1_params"]
+
+# Normwise relative tolerance, ||a - b|| / ||b||, of float32 kernels against the float32 reference.
+FLOAT32_TOL = 1e-5
+
+
+def kernel_device() -> torch.device:
+    """The device the kernel tests run on; skips when Triton cannot run there."""
+    name = os.environ.get("REVGLOW_TEST_DEVICE", "") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("REVGLOW_TEST_DEVICE=cuda but no CUDA device is available")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)")
+    pytest.importorskip("triton")
+    return device
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, tol: float = FLOAT32_TOL, name: str = ""):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: normwise relative error {err:.3e} > {tol:.1e}"
+
+
+def random_actnorm_conv1x1_params(c: int, device, dtype=torch.float32):
+    """(scale, bias, weight, weight_inv): scales spread around 1 (in [0.4, 2.5], never 1 exactly), nonzero
+    bias, and a well-conditioned weight (a random rotation plus a small perturbation)."""
+    scale = torch.exp(torch.rand(c, dtype=torch.float64) * 1.8 - 0.9)
+    bias = torch.randn(c, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
+    weight = q + 0.1 * torch.randn(c, c, dtype=torch.float64) / c ** 0.5
+    weight_inv = torch.linalg.inv(weight)
+    return tuple(t.to(device=device, dtype=dtype) for t in (scale, bias, weight, weight_inv))
