@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Make sure a Python with torch and revglow's test/demo dependencies exists; print its path.
+# Uses the active environment when it already has torch; otherwise creates .venv here and installs torch
+# into it (torch==2.13.0, the CPU build, on a machine without a GPU; the default build where nvidia-smi sees one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log=.env-setup.log
+if python3 -c "import torch" >/dev/null 2>&1; then
+  py=$(command -v python3)
+else
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv >&2
+  fi
+  py=$PWD/.venv/bin/python
+  if ! "$py" -c "import torch" >/dev/null 2>&1; then
+    echo "installing torch into .venv ..." >&2
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      "$py" -m pip install -q torch >&2
+    else
+      "$py" -m pip install -q torch==2.13.0 >&2
+    fi
+  fi
+fi
+# Install revglow (editable) with its test and data extras unless everything already imports from here.
+if ! "$py" - >/dev/null 2>&1 <<PYEOF
+import os, revglow, revglow.kernels, sklearn, PIL, tqdm, pytest, triton
+assert os.path.realpath(os.path.dirname(revglow.__file__)) == os.path.realpath("revglow")
+PYEOF
+then
+  echo "installing revglow and its test dependencies ..." >&2
+  "$py" -m pip install -q -e ".[test]" >&2
+fi
+echo "$py"
