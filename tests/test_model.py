@@ -1,0 +1,168 @@
+"""The whole Glow model: the bijection to latents, its log-determinant, log_prob, bits/dim, memory modes."""
+import math
+
+import pytest
+import torch
+
+from flow_checks import flat_grads, perturb_, rel_err
+from revglow import Glow, GlowConfig
+from revglow.layers.actnorm import ActNorm
+
+
+def _model(memory="autograd", num_classes=0, coupling="affine", permutation="invconv_lu", shape=(1, 4, 4),
+           levels=2, depth=2, hidden=8, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = GlowConfig(image_shape=shape, levels=levels, depth=depth, hidden=hidden, coupling=coupling,
+                     permutation=permutation, num_classes=num_classes, memory=memory, kernels="torch")
+    model = Glow(cfg).to(dtype)
+    x = torch.rand(16, *shape, dtype=dtype)
+    y = torch.randint(0, num_classes, (16,)) if num_classes else None
+    model.initialize(x, y)
+    perturb_(model, std=0.05, seed=seed + 1)
+    return model
+
+
+def _flat_latents(model, xc, y=None):
+    return torch.cat([e.flatten(1) for e in model.encode(xc, y)], dim=1)
+
+
+@pytest.mark.parametrize("coupling,permutation,num_classes", [
+    ("affine", "invconv_lu", 0), ("affine", "invconv", 3), ("additive", "shuffle", 0), ("additive", "reverse", 2)])
+def test_encode_decode_logdet_and_log_prob(coupling, permutation, num_classes):
+    model = _model(coupling=coupling, permutation=permutation, num_classes=num_classes)
+    xc = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
+    y = torch.tensor([0, num_classes - 1]) if num_classes else None
+    latents = model.encode(xc, y)
+    assert [tuple(e.shape[1:]) for e in latents] == [tuple(s) for s in model.latent_shapes]
+    assert rel_err(model.decode(latents, y), xc) < 1e-12
+    # the change of variables through encode, with a brute-force Jacobian
+    for i in range(2):
+        yi = y[i:i + 1] if num_classes else None
+        jac = torch.autograd.functional.jacobian(
+            lambda v: _flat_latents(model, v.view(1, 1, 4, 4), yi).flatten(), xc[i].flatten())
+        logdet = torch.linalg.slogdet(jac)[1]
+        eps = _flat_latents(model, xc[i:i + 1], yi)
+        expected = -0.5 * (eps.square() + math.log(2 * math.pi)).sum() + logdet
+        assert abs(float(model.log_prob(xc[i:i + 1], yi).detach()) - float(expected)) < 1e-9 * abs(float(expected)) + 1e-9
+
+
+def test_bits_per_dim_uses_the_exact_discretization_constant():
+    model = _model()
+    xc = torch.rand(3, 1, 4, 4, dtype=torch.float64) - 0.5
+    d, bins = 16, 2 ** model.config.n_bits
+    expected = -(model.log_prob(xc) - d * math.log(bins)) / (d * math.log(2))
+    assert torch.allclose(model.bits_per_dim(xc), expected)
+
+
+def test_preprocess_quantizes_to_n_bits_and_dequantizes_within_one_bin():
+    torch.manual_seed(0)
+    model = Glow(GlowConfig(image_shape=(1, 4, 4), levels=1, depth=1, hidden=4, n_bits=5))
+    x = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
+    xc = model.preprocess(x)
+    bins = 32
+    assert float(xc.min()) >= -0.5 and float(xc.max()) <= 0.5
+    assert torch.equal(torch.floor((xc + 0.5) * bins), torch.floor(x.float() / 8))
+    # float images in [0, 1] are read as 8-bit values
+    assert torch.equal(model.preprocess(x.float() / 255, noise=False), model.preprocess(x, noise=False))
+    assert torch.equal(model.postprocess(model.preprocess(x)), torch.floor(x.float() / 8) / (bins - 1))
+
+
+@pytest.mark.parametrize("memory", ["reversible", "checkpoint"])
+def test_memory_modes_match_autograd_in_float64(memory):
+    reference, model = _model("autograd"), _model(memory)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8)
+    torch.manual_seed(5)
+    loss_ref = reference(x).mean()
+    loss_ref.backward()
+    torch.manual_seed(5)
+    loss = model(x).mean()
+    loss.backward()
+    assert rel_err(loss, loss_ref) < 1e-12
+    assert rel_err(flat_grads(model), flat_grads(reference)) < 1e-9
+
+
+@pytest.mark.parametrize("memory", ["reversible", "checkpoint"])
+def test_memory_modes_match_autograd_in_float32_after_training(memory):
+    """A 3-level, 32-step model, trained a few steps (not only at init), float32: < 1e-4 normwise."""
+    torch.manual_seed(0)
+    cfg = GlowConfig(image_shape=(3, 8, 8), levels=3, depth=32, hidden=16, memory="autograd", kernels="torch")
+    reference = Glow(cfg)
+    data = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        reference(data).mean().backward()
+        opt.step()
+    model = Glow(GlowConfig(**{**cfg.to_dict(), "image_shape": (3, 8, 8), "memory": memory}))
+    model.load_state_dict(reference.state_dict())
+    reference.zero_grad()
+    torch.manual_seed(11)
+    loss_ref = reference(data).mean()
+    loss_ref.backward()
+    torch.manual_seed(11)
+    loss = model(data).mean()
+    loss.backward()
+    assert rel_err(loss, loss_ref) < 1e-6
+    assert rel_err(flat_grads(model), flat_grads(reference)) < 1e-4
+
+
+def test_every_parameter_gets_a_gradient():
+    model = _model("reversible", num_classes=2)
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64)
+    model(x, torch.tensor([0, 1, 1, 0])).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_state_dict_round_trip_without_reinitialization():
+    model = _model("reversible")
+    clone = Glow(model.config).double()
+    assert not clone.is_initialized
+    clone.load_state_dict(model.state_dict())
+    assert clone.is_initialized
+    x = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8)
+    before = {n: p.detach().clone() for n, p in clone.named_parameters()}
+    torch.manual_seed(3)
+    a = clone(x)
+    torch.manual_seed(3)
+    b = model(x)
+    assert torch.equal(a, b)
+    assert all(torch.equal(p, before[n]) for n, p in clone.named_parameters())
+
+
+def test_first_training_forward_initializes_and_initialize_sets_unit_statistics():
+    torch.manual_seed(0)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=8))
+    assert not model.is_initialized
+    x = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    model(x)
+    assert model.is_initialized
+    # DDI: on the init batch, every ActNorm's output has zero mean and unit variance per channel
+    inputs = {}
+    for i, step in enumerate(model.flows[1].steps):
+        step.register_forward_pre_hook(lambda mod, args, i=i: inputs.setdefault(i, args[0].detach()))
+    model.initialize(x)
+    for i, step in enumerate(model.flows[1].steps):
+        y, _ = step.actnorm(inputs[i])
+        assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+        assert (y.std(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-4
+
+
+def test_sample_shapes_range_and_temperature_zero_is_deterministic():
+    model = _model("reversible", dtype=torch.float32)
+    imgs = model.sample(5, temperature=0.7)
+    assert imgs.shape == (5, 1, 4, 4) and float(imgs.min()) >= 0 and float(imgs.max()) <= 1
+    assert torch.equal(model.sample(2, temperature=0.0), model.sample(2, temperature=0.0))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(model.sample(3, 1.0, generator=g1), model.sample(3, 1.0, generator=g2))
+
+
+def test_conditional_sampling_uses_the_label():
+    model = _model("autograd", num_classes=3, dtype=torch.float32)
+    with torch.no_grad():
+        model.top_prior.class_embedding.bias.zero_()
+        model.top_prior.class_embedding.weight.normal_(std=2.0)
+    a = model.sample(4, temperature=0.0, y=0)
+    b = model.sample(4, temperature=0.0, y=torch.full((4,), 2))
+    assert not torch.equal(a, b)
