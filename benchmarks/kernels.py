@@ -316,14 +316,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--results", default=RESULTS, help="JSON-lines file to append to")
+    parser.add_argument("--dot-precision", default="ieee", choices=("ieee", "tf32x3"),
+                        help="tl.dot input_precision of the actnorm_conv1x1 kernels (tf32x3: NVIDIA only)")
     args = parser.parse_args(argv)
 
     require_cuda()
     # The eager references must run in float32 too: no TF32 in cuBLAS (the kernels use IEEE float32 dots).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    from revglow.kernels import actnorm_conv1x1 as actnorm_conv1x1_kernels
+
+    actnorm_conv1x1_kernels.DOT_INPUT_PRECISION = args.dot_precision
     env = _environment()
-    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, git {env['git']}, {env['date']}")
+    env["dot_precision"] = args.dot_precision
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, git {env['git']}, {env['date']}, "
+          f"tl.dot input_precision {args.dot_precision}")
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "a", encoding="utf-8") as fh:
         rows = bench_kernels(QUICK_SHAPES if args.quick else SHAPES, args.quick, fh, env)

@@ -28,8 +28,8 @@ gs / gb partials with K-looped tile products, a second reduces gW = sum gy u^T f
 Precision. tl.dot on float32 inputs uses TF32 tensor cores by default on NVIDIA GPUs (10-bit mantissa,
 relative error ~1e-3). The flow must stay invertible to float32 accuracy (the reversible engine rebuilds
 every activation from the output, and errors compound over depth), so every tl.dot here passes
-input_precision="ieee". For C < 16 (tl.dot needs block dims >= 16) the product is a broadcast multiply
-and sum, which is exact float32 arithmetic as well.
+input_precision="ieee" (or, opted into through DOT_INPUT_PRECISION below, "tf32x3"). For C < 16
+(tl.dot needs block dims >= 16) the product is a broadcast multiply and sum, exact float32 arithmetic too.
 """
 from __future__ import annotations
 
@@ -46,12 +46,20 @@ __all__ = [
 # Largest padded channel count that the single-pass backward holds in registers (W^-1, W^T, gW: C x C each).
 FUSED_BACKWARD_MAX_C_BLOCK = 64
 
+# input_precision of every tl.dot, read at launch time. "ieee": exact float32 FMAs (the default, and the
+# only choice on AMD). "tf32x3" (NVIDIA only): three TF32 tensor-core products per dot, error ~1e-6
+# relative instead of ~1e-7, far more FLOPs per second. With IEEE dots the 48-channel backward does about
+# 3 * 64^2 FMAs per 768 bytes moved, more than an H100/H200's FMA-to-bandwidth ratio, so it is likely
+# compute-bound there; the benchmark has --dot-precision to measure the trade. Never plain "tf32".
+DOT_INPUT_PRECISION = "ieee"
+_DOT_PRECISIONS = ("ieee", "tf32x3")
+
 
 @triton.jit
-def _tile_matmul(a, b, USE_DOT: tl.constexpr):
-    """a [M, K] @ b [K, N] in float32. tl.dot (IEEE float32, never TF32) when all dims are >= 16."""
+def _tile_matmul(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a [M, K] @ b [K, N] in float32. tl.dot (IEEE float32 by default, never TF32) when all dims are >= 16."""
     if USE_DOT:
-        out = tl.dot(a, b, input_precision="ieee")
+        out = tl.dot(a, b, input_precision=DOT_PRECISION)
     else:
         out = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return out
@@ -70,6 +78,7 @@ def _channel_affine_mix_kernel(
     BLOCK_K: tl.constexpr,  # input channels per step of the K loop
     BLOCK_P: tl.constexpr,  # pixels per program
     USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" (default) or "tf32x3"
 ):
     # out[n, :, p] = A @ inp[n, :, p] + BIAS for the pixels p of one tile.
     # The output-channel block varies fastest over program ids, so when C > BLOCK_CO the programs that
@@ -91,7 +100,7 @@ def _channel_affine_mix_kernel(
         inp = tl.load(INP + sample + offs_k[:, None] * HW + offs_p[None, :],
                       mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         a = tl.load(A + offs_co[:, None] * C + offs_k[None, :], mask=mask_co[:, None] & mask_k[None, :], other=0.0)
-        acc += _tile_matmul(a, inp, USE_DOT)
+        acc += _tile_matmul(a, inp, USE_DOT, DOT_PRECISION)
     bias = tl.load(BIAS + offs_co, mask=mask_co, other=0.0)
     acc += bias[:, None]
     tl.store(OUT + sample + offs_co[:, None] * HW + offs_p[None, :], acc, mask=mask_co[:, None] & mask_p[None, :])
@@ -117,6 +126,8 @@ def _actnorm_conv1x1_bwd_fused_kernel(
     C_BLOCK: tl.constexpr,  # next power of two >= C, <= FUSED_BACKWARD_MAX_C_BLOCK
     BLOCK_P: tl.constexpr,
     USE_DOT: tl.constexpr,
+    WRITE_X: tl.constexpr,  # False under autograd, where only the gradients are wanted
+    DOT_PRECISION: tl.constexpr,  # "ieee" (default) or "tf32x3"
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -141,14 +152,15 @@ def _actnorm_conv1x1_bwd_fused_kernel(
         y = tl.load(Y + offs, mask=mask, other=0.0)
         gy = tl.load(GY + offs, mask=mask, other=0.0)
 
-        u = _tile_matmul(w_inv, y, USE_DOT)  # ActNorm output, [C_BLOCK, BLOCK_P]
-        gu = _tile_matmul(w_t, gy, USE_DOT)
+        u = _tile_matmul(w_inv, y, USE_DOT, DOT_PRECISION)  # ActNorm output, [C_BLOCK, BLOCK_P]
+        gu = _tile_matmul(w_t, gy, USE_DOT, DOT_PRECISION)
         x = (u - bias[:, None]) / scale[:, None]
-        tl.store(X + offs, x, mask=mask)
+        if WRITE_X:
+            tl.store(X + offs, x, mask=mask)
         tl.store(GX + offs, gu * scale[:, None], mask=mask)
 
         # Masked pixels and padded channels have gy = 0, hence gu = 0: they add nothing below.
-        acc_gw += _tile_matmul(gy, tl.trans(u), USE_DOT)
+        acc_gw += _tile_matmul(gy, tl.trans(u), USE_DOT, DOT_PRECISION)
         acc_gs += tl.sum(gu * x, axis=1)
         acc_gb += tl.sum(gu, axis=1)
 
@@ -177,6 +189,7 @@ def _actnorm_conv1x1_bwd_rebuild_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Wide-channel path (C > 64): channels [c0, c0 + BLOCK_C) of u = W^-1 y and gu = W^T gy for one
     # pixel tile, accumulated over K blocks of y and gy.
@@ -201,8 +214,8 @@ def _actnorm_conv1x1_bwd_rebuild_kernel(
         gy = tl.load(GY + sample + offs_k[:, None] * HW + offs_p[None, :], mask=mask_kp, other=0.0)
         w_inv = tl.load(WINV + offs_c[:, None] * C + offs_k[None, :], mask=mask_ck, other=0.0)
         w_t = tl.load(W + offs_k[None, :] * C + offs_c[:, None], mask=mask_ck, other=0.0)  # W[k, c]
-        u += tl.dot(w_inv, y, input_precision="ieee")
-        gu += tl.dot(w_t, gy, input_precision="ieee")
+        u += tl.dot(w_inv, y, input_precision=DOT_PRECISION)
+        gu += tl.dot(w_t, gy, input_precision=DOT_PRECISION)
 
     scale = tl.load(SCALE + offs_c, mask=mask_c, other=1.0)
     bias = tl.load(BIAS + offs_c, mask=mask_c, other=0.0)
@@ -230,6 +243,7 @@ def _actnorm_conv1x1_grad_weight_kernel(
     NUM_TILES,  # N * NUM_P_BLOCKS
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Wide-channel path: block (o, c) of gW = sum_{n,p} gy[n, o, p] u[n, c, p], with u = s x + b
     # recomputed from the rebuilt x. Program (i, g) walks every G-th pixel tile.
@@ -253,7 +267,7 @@ def _actnorm_conv1x1_grad_weight_kernel(
         x = tl.load(X + n * C * HW + offs_c[:, None] * HW + offs_p[None, :],
                     mask=mask_c[:, None] & mask_p[None, :], other=0.0)
         u = scale[:, None] * x + bias[:, None]  # masked pixels meet gy = 0 in the product
-        acc += tl.dot(gy, tl.trans(u), input_precision="ieee")
+        acc += tl.dot(gy, tl.trans(u), input_precision=DOT_PRECISION)
     tl.store(PART_GW + pid.to(tl.int64) * C * C + offs_o[:, None] * C + offs_c[None, :], acc,
              mask=mask_o[:, None] & mask_c[None, :])
 
@@ -279,6 +293,13 @@ def _check_param(name: str, t: torch.Tensor, shape, device) -> torch.Tensor:
         raise ValueError(f"{name} is on {t.device}; the activations are on {device}")
     # Launchers run outside autograd: detach so that host-side folding builds no graph.
     return t.detach().to(torch.float32).contiguous()
+
+
+def _dot_precision() -> str:
+    if DOT_INPUT_PRECISION not in _DOT_PRECISIONS:
+        raise ValueError(f"DOT_INPUT_PRECISION={DOT_INPUT_PRECISION!r}; choose one of {_DOT_PRECISIONS} (TF32 alone "
+                         "is too coarse for an invertible flow)")
+    return DOT_INPUT_PRECISION
 
 
 def _num_programs_persistent(device: torch.device, num_tiles: int) -> int:
@@ -309,7 +330,7 @@ def _channel_affine_mix(inp: torch.Tensor, a: torch.Tensor, bias: torch.Tensor) 
     grid = (num_co_blocks * triton.cdiv(hw, block_p), n)
     _channel_affine_mix_kernel[grid](
         inp, out, a.contiguous(), bias.contiguous(), c, hw, num_co_blocks,
-        BLOCK_CO=block_co, BLOCK_K=block_k, BLOCK_P=block_p, USE_DOT=use_dot,
+        BLOCK_CO=block_co, BLOCK_K=block_k, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=_dot_precision(),
         num_warps=4 if block_co * block_p <= 2048 else 8,
     )
     return out
@@ -344,12 +365,13 @@ def actnorm_conv1x1_inverse_launch(y: torch.Tensor, scale: torch.Tensor, bias: t
 
 def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Tensor, scale: torch.Tensor,
                                                bias: torch.Tensor, weight: torch.Tensor,
-                                               weight_inv: torch.Tensor):
+                                               weight_inv: torch.Tensor, *, return_input: bool = True):
     """From y and dL/dy: (x, dL/dx, dL/dscale, dL/dbias, dL/dweight), semantics of the reference.
 
     For C <= 64, one pass over y and grad_y (each read once; x and grad_x written once) plus a sum over
     a few hundred per-program partials of the C x C and C reductions. For C > 64, two passes (see the
-    module docstring).
+    module docstring). With return_input=False (the autograd Function, which needs only the gradients),
+    x is not written where the kernels allow it (C <= 64), and None is returned in its place.
     """
     y = _check_activation("y", y)
     grad_y = _check_activation("grad_y", grad_y, y.shape)
@@ -359,7 +381,6 @@ def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Te
     bias = _check_param("bias", bias, (c,), y.device)
     weight = _check_param("weight", weight, (c, c), y.device)
     weight_inv = _check_param("weight_inv", weight_inv, (c, c), y.device)
-    x = torch.empty_like(y)
     grad_x = torch.empty_like(y)
     c_block = triton.next_power_of_2(c)
 
@@ -369,17 +390,20 @@ def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Te
         num_p_blocks = triton.cdiv(hw, block_p)
         num_tiles = n * num_p_blocks
         g = _num_programs_persistent(y.device, num_tiles)
+        x = torch.empty_like(y) if return_input else grad_x  # placeholder pointer, never written
         part_gw = torch.empty((g, c, c), device=y.device, dtype=torch.float32)
         part_gs = torch.empty((g, c), device=y.device, dtype=torch.float32)
         part_gb = torch.empty((g, c), device=y.device, dtype=torch.float32)
         _actnorm_conv1x1_bwd_fused_kernel[(g,)](
             y, grad_y, x, grad_x, scale, bias, weight, weight_inv, part_gw, part_gs, part_gb,
             c, hw, num_p_blocks, num_tiles,
-            C_BLOCK=c_block, BLOCK_P=block_p, USE_DOT=use_dot, num_warps=4 if c_block <= 16 else 8,
+            C_BLOCK=c_block, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=_dot_precision(),
+            WRITE_X=return_input, num_warps=4 if c_block <= 16 else 8,
         )
-        return x, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)
+        return x if return_input else None, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)
 
     # Wide channels: rebuild x, gx and the gs / gb partials, then reduce gW from gy and x.
+    x = torch.empty_like(y)
     block_c, block_k, block_p = 64, 64, 32
     num_c_blocks = triton.cdiv(c, block_c)
     num_p_blocks = triton.cdiv(hw, block_p)
@@ -388,13 +412,13 @@ def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Te
     _actnorm_conv1x1_bwd_rebuild_kernel[(num_c_blocks * num_p_blocks, n)](
         y, grad_y, x, grad_x, scale, bias, weight, weight_inv, part_gs, part_gb,
         c, hw, num_c_blocks, num_p_blocks,
-        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=8,
+        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, DOT_PRECISION=_dot_precision(), num_warps=8,
     )
     num_tiles = n * num_p_blocks
     g = max(1, min(num_tiles, _num_programs_persistent(y.device, num_tiles) // (num_c_blocks * num_c_blocks) + 1))
     part_gw = torch.empty((g, c, c), device=y.device, dtype=torch.float32)
     _actnorm_conv1x1_grad_weight_kernel[(num_c_blocks * num_c_blocks, g)](
         grad_y, x, scale, bias, part_gw, c, hw, num_c_blocks, num_p_blocks, num_tiles,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=8,
+        BLOCK_C=block_c, BLOCK_P=block_p, DOT_PRECISION=_dot_precision(), num_warps=8,
     )
-    return x, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)
+    return x if return_input else None, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)

@@ -94,6 +94,7 @@ def _coupling_affine_bwd_kernel(
     STRIDE_H,
     STRIDE_GYA,
     BLOCK: tl.constexpr,
+    WRITE_XA: tl.constexpr,  # False under autograd, where only the gradients are wanted
 ):
     block = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -107,7 +108,8 @@ def _coupling_affine_bwd_kernel(
     s, one_minus_s, log_s = _sigmoid_parts(raw)
     gxa = gya * s
     graw = (gya * ya + glogdet) * one_minus_s
-    tl.store(XA + n * NUMEL + offs, ya / s - shift, mask=mask)
+    if WRITE_XA:
+        tl.store(XA + n * NUMEL + offs, ya / s - shift, mask=mask)
     tl.store(GXA + n * NUMEL + offs, gxa, mask=mask)
     tl.store(GH + n * 2 * NUMEL + offs, gxa, mask=mask)
     tl.store(GH + n * 2 * NUMEL + NUMEL + offs, graw, mask=mask)
@@ -183,10 +185,12 @@ def coupling_affine_inverse_launch(ya: torch.Tensor, h: torch.Tensor, out: Optio
 
 
 def coupling_affine_reversible_backward_launch(ya: torch.Tensor, h: torch.Tensor, grad_ya: torch.Tensor,
-                                               grad_logdet: torch.Tensor):
+                                               grad_logdet: torch.Tensor, *, return_input: bool = True):
     """From ya, h, dL/dya and dL/dlogdet [N]: (xa, dL/dxa, dL/dh), dL/dh float32 in h's layout.
 
-    One pass: reads ya, h, grad_ya (and N scalars) once; writes xa, grad_xa and grad_h once.
+    One pass: reads ya, h, grad_ya (and N scalars) once; writes xa, grad_xa and grad_h once. With
+    return_input=False (the autograd Function, which needs only the gradients) xa is neither written nor
+    returned (None in its place).
     """
     ya, h = _check("ya", ya, h)
     if tuple(grad_ya.shape) != tuple(ya.shape) or grad_ya.dtype != torch.float32:
@@ -198,12 +202,12 @@ def coupling_affine_reversible_backward_launch(ya: torch.Tensor, h: torch.Tensor
     grad_ya = _as_per_sample_contiguous(grad_ya)
     grad_logdet = grad_logdet.reshape(n).to(device=ya.device, dtype=torch.float32).contiguous()
     numel = ca * hh * ww
-    xa = torch.empty((n, ca, hh, ww), device=ya.device, dtype=torch.float32)
-    grad_xa = torch.empty_like(xa)
+    grad_xa = torch.empty((n, ca, hh, ww), device=ya.device, dtype=torch.float32)
+    xa = torch.empty_like(grad_xa) if return_input else grad_xa  # placeholder pointer when not written
     grad_h = torch.empty((n, 2 * ca, hh, ww), device=ya.device, dtype=torch.float32)
     block = min(_BLOCK, max(16, triton.next_power_of_2(numel)))
     _coupling_affine_bwd_kernel[(triton.cdiv(numel, block), n)](
         ya, h, grad_ya, grad_logdet, xa, grad_xa, grad_h, numel, ya.stride(0), h.stride(0), grad_ya.stride(0),
-        BLOCK=block, num_warps=4,
+        BLOCK=block, WRITE_XA=return_input, num_warps=4,
     )
-    return xa, grad_xa, grad_h
+    return xa if return_input else None, grad_xa, grad_h

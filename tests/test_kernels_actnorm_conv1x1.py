@@ -149,3 +149,30 @@ def test_non_contiguous_input(device):
     assert not x_t.is_contiguous()
     assert_close_normwise(actnorm_conv1x1_forward_launch(x_t, scale, bias, weight),
                           actnorm_conv1x1_reference(x, scale, bias, weight))
+
+
+def test_dot_precision_knob(device, monkeypatch):
+    from revglow.kernels import actnorm_conv1x1 as k
+
+    x, scale, bias, weight, _ = _inputs((48, 1, 3, 5), device)
+    monkeypatch.setattr(k, "DOT_INPUT_PRECISION", "tf32")
+    with pytest.raises(ValueError, match="DOT_INPUT_PRECISION"):
+        k.actnorm_conv1x1_forward_launch(x, scale, bias, weight)
+    if device.type == "cuda" and torch.version.hip is None:  # tf32x3 exists on NVIDIA only
+        monkeypatch.setattr(k, "DOT_INPUT_PRECISION", "tf32x3")
+        assert_close_normwise(k.actnorm_conv1x1_forward_launch(x, scale, bias, weight),
+                              actnorm_conv1x1_reference(x, scale, bias, weight), tol=1e-5)
+
+
+@pytest.mark.parametrize("c", [12, 96])
+def test_backward_without_rebuilt_input(c, device):
+    from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_reversible_backward_launch
+
+    x, scale, bias, weight, weight_inv = _inputs((c, 2, 3, 5), device)
+    y = actnorm_conv1x1_reference(x, scale, bias, weight)
+    grad_y = torch.randn_like(y)
+    full = actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv)
+    lean = actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv, return_input=False)
+    assert lean[0] is None
+    for a, b in zip(lean[1:], full[1:]):
+        assert torch.equal(a, b)

@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("revglow_bench_kernels", os.path.join(ROOT, "benchmarks", "kernels.py"))
+    path = os.path.join(ROOT, "benchmarks", "kernels.py")
+    spec = importlib.util.spec_from_file_location("revglow_bench_kernels", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the module executes
     try:

@@ -202,3 +202,15 @@ def test_launchers_reject_bad_shapes(device):
         coupling_affine_forward_launch(xa, h[:, 1:])
     with pytest.raises(TypeError, match="float32"):
         coupling_affine_forward_launch(xa.double(), h)
+
+
+def test_backward_without_rebuilt_input(device):
+    from revglow.kernels.coupling_affine import coupling_affine_reversible_backward_launch
+
+    xa, h = _inputs(SHAPES[0], torch.bfloat16, device)
+    ya, _ = coupling_affine_reference(xa, h)
+    grad_ya, grad_logdet = torch.randn_like(ya), torch.randn(xa.shape[0], device=device)
+    full = coupling_affine_reversible_backward_launch(ya, h, grad_ya, grad_logdet)
+    lean = coupling_affine_reversible_backward_launch(ya, h, grad_ya, grad_logdet, return_input=False)
+    assert lean[0] is None
+    assert torch.equal(lean[1], full[1]) and torch.equal(lean[2], full[2])

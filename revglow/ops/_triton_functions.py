@@ -1,9 +1,9 @@
 """autograd.Functions over the Triton launchers of revglow.kernels.
 
 Each forward launches the forward kernel and saves its OUTPUT (y, or ya and h), not its input; the backward
-runs the reversible-backward kernel, which rebuilds the input from the output in the same pass that computes
-the gradients. So the Triton path under plain autograd keeps exactly one activation per op (the one the next
-op keeps anyway, when it is the next op's input), and the backward reads it once.
+runs the reversible-backward kernel, which works from the output alone (the input it would rebuild is not
+written: return_input=False). So the Triton path under plain autograd keeps one activation per op (the one
+the next op keeps anyway, when it is the next op's input), and the backward reads it once.
 
 Example (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)::
 
@@ -44,7 +44,7 @@ class ActNormConv1x1Triton(torch.autograd.Function):
     def backward(ctx, grad_y):
         y, scale, bias, weight, weight_inv = ctx.saved_tensors
         _, grad_x, grad_scale, grad_bias, grad_weight = actnorm_conv1x1_reversible_backward_launch(
-            y, grad_y, scale, bias, weight, weight_inv)
+            y, grad_y, scale, bias, weight, weight_inv, return_input=False)
         return (grad_x, grad_scale.to(scale.dtype), grad_bias.to(bias.dtype), grad_weight.to(weight.dtype), None)
 
 
@@ -62,7 +62,8 @@ class CouplingAffineTriton(torch.autograd.Function):
     def backward(ctx, grad_ya, grad_logdet):
         # Unused outputs arrive as zeros (autograd materializes them), so both are tensors here.
         ya, h = ctx.saved_tensors
-        _, grad_xa, grad_h = coupling_affine_reversible_backward_launch(ya, h, grad_ya, grad_logdet)
+        _, grad_xa, grad_h = coupling_affine_reversible_backward_launch(ya, h, grad_ya, grad_logdet,
+                                                                        return_input=False)
         return grad_xa, grad_h.to(h.dtype)
 
 
