@@ -1,0 +1,98 @@
+"""Training-step time of the memory modes, measured side by side in one process.
+
+The modes run interleaved (one step of each, round after round) on identical weights and data, so load from
+other processes on a shared machine hits all of them alike; the medians are compared. Default problem (issue
+target): CPU, 32x32 RGB, 3 levels, K=8, width 128, batch 16. Targets: reversible/autograd <= 1.25 and
+reversible <= checkpoint.
+
+    python benchmarks/step_time.py [--rounds 20] [--device cuda] [--kernels torch|triton|auto]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import append_rows, environment  # noqa: E402
+from revglow import Glow, GlowConfig  # noqa: E402
+
+MODES = ("autograd", "checkpoint", "reversible")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernels", default="auto")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    shape = (3, args.image_size, args.image_size)
+    models = {}
+    state = None
+    for mode in MODES:
+        cfg = GlowConfig(image_shape=shape, levels=args.levels, depth=args.depth, hidden=args.hidden, memory=mode,
+                         kernels=args.kernels)
+        model = Glow(cfg).to(device)
+        if state is None:
+            x = torch.randint(0, 256, (args.batch_size,) + shape, dtype=torch.uint8, device=device)
+            model.initialize(x)
+            state = model.state_dict()
+        model.load_state_dict(state)
+        models[mode] = model
+
+    def step(model):
+        for p in model.parameters():
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(x).mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times = {m: [] for m in MODES}
+    for r in range(args.warmup + args.rounds):
+        order = MODES if r % 2 == 0 else tuple(reversed(MODES))
+        for mode in order:
+            t = step(models[mode])
+            if r >= args.warmup:
+                times[mode].append(t)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    spread = {m: (min(v), max(v)) for m, v in times.items()}
+
+    env = environment(args.device)
+    print(f"training step (forward + backward), {args.image_size}x{args.image_size}x3, L={args.levels}, "
+          f"K={args.depth}, width {args.hidden}, batch {args.batch_size}, device {args.device}, "
+          f"{args.rounds} interleaved rounds, {env['threads']} threads")
+    print(f"{'mode':>11} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+    for m in MODES:
+        print(f"{m:>11} {med[m] * 1e3:10.1f} {spread[m][0] * 1e3:8.1f} {spread[m][1] * 1e3:8.1f}")
+    r_auto = med["reversible"] / med["autograd"]
+    r_ckpt = med["reversible"] / med["checkpoint"]
+    print(f"reversible / autograd:   {r_auto:.3f} (target <= 1.25) {'PASS' if r_auto <= 1.25 else 'FAIL'}")
+    print(f"reversible / checkpoint: {r_ckpt:.3f} (target <= 1.00) {'PASS' if r_ckpt <= 1.0 else 'FAIL'}")
+    rows = [{**env, "benchmark": "step_time", "mode": m, "median_s": med[m], "min_s": spread[m][0],
+             "max_s": spread[m][1], "device": args.device, "kernels": args.kernels, "image_size": args.image_size,
+             "levels": args.levels, "depth": args.depth, "hidden": args.hidden, "batch": args.batch_size,
+             "rounds": args.rounds} for m in MODES]
+    print(f"rows appended to {append_rows('step_time.jsonl', rows)}")
+    return 0 if (r_auto <= 1.25 and r_ckpt <= 1.0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
