@@ -321,6 +321,26 @@ def _mix_block_sizes(c: int):
     return block_co, block_k, block_p, block_co >= 16 and block_k >= 16
 
 
+def _fused_backward_config(c_block: int):
+    """(BLOCK_P, num_warps, USE_DOT) of the single-pass backward for a padded channel count <= 64.
+
+    Checked by compiling for sm_90 (ptxas; tests/test_kernels_compile.py), not yet timed on a GPU: W^-1,
+    W^T and the gW accumulator stay in registers across the loop, so pixel tiles are narrow and 8 warps
+    share them; these choices compile without spills (C_BLOCK 16 / 32 / 64: 94 / 178 / 192 registers).
+    """
+    if c_block >= 16:
+        return (32 if c_block <= 32 else 16), 8, True
+    return max(16, min(128, 1024 // (c_block * c_block))), 4, False
+
+
+# Wide-channel (C > 64) backward: channel and pixel tiles of the rebuild and gW-reduction kernels.
+WIDE_BLOCK_C, WIDE_BLOCK_K, WIDE_REBUILD_BLOCK_P, WIDE_GRAD_WEIGHT_BLOCK_P = 64, 64, 32, 16
+
+
+def _mix_num_warps(block_co: int, block_p: int) -> int:
+    return 4 if block_co * block_p <= 2048 else 8
+
+
 def _channel_affine_mix(inp: torch.Tensor, a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     n, c, h, w = inp.shape
     hw = h * w
@@ -331,7 +351,7 @@ def _channel_affine_mix(inp: torch.Tensor, a: torch.Tensor, bias: torch.Tensor) 
     _channel_affine_mix_kernel[grid](
         inp, out, a.contiguous(), bias.contiguous(), c, hw, num_co_blocks,
         BLOCK_CO=block_co, BLOCK_K=block_k, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=_dot_precision(),
-        num_warps=4 if block_co * block_p <= 2048 else 8,
+        num_warps=_mix_num_warps(block_co, block_p),
     )
     return out
 
@@ -385,8 +405,7 @@ def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Te
     c_block = triton.next_power_of_2(c)
 
     if c_block <= FUSED_BACKWARD_MAX_C_BLOCK:
-        use_dot = c_block >= 16
-        block_p = max(16, min(128, 2048 // c_block)) if use_dot else max(16, min(128, 1024 // (c_block * c_block)))
+        block_p, num_warps, use_dot = _fused_backward_config(c_block)
         num_p_blocks = triton.cdiv(hw, block_p)
         num_tiles = n * num_p_blocks
         g = _num_programs_persistent(y.device, num_tiles)
@@ -398,13 +417,13 @@ def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Te
             y, grad_y, x, grad_x, scale, bias, weight, weight_inv, part_gw, part_gs, part_gb,
             c, hw, num_p_blocks, num_tiles,
             C_BLOCK=c_block, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=_dot_precision(),
-            WRITE_X=return_input, num_warps=4 if c_block <= 16 else 8,
+            WRITE_X=return_input, num_warps=num_warps,
         )
         return x if return_input else None, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)
 
     # Wide channels: rebuild x, gx and the gs / gb partials, then reduce gW from gy and x.
     x = torch.empty_like(y)
-    block_c, block_k, block_p = 64, 64, 32
+    block_c, block_k, block_p = WIDE_BLOCK_C, WIDE_BLOCK_K, WIDE_REBUILD_BLOCK_P
     num_c_blocks = triton.cdiv(c, block_c)
     num_p_blocks = triton.cdiv(hw, block_p)
     part_gs = torch.empty((n * num_p_blocks, c), device=y.device, dtype=torch.float32)
@@ -414,6 +433,8 @@ def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Te
         c, hw, num_c_blocks, num_p_blocks,
         BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, DOT_PRECISION=_dot_precision(), num_warps=8,
     )
+    block_p = WIDE_GRAD_WEIGHT_BLOCK_P  # narrower: the 64 x 64 accumulator compiles without spills at 16
+    num_p_blocks = triton.cdiv(hw, block_p)
     num_tiles = n * num_p_blocks
     g = max(1, min(num_tiles, _num_programs_persistent(y.device, num_tiles) // (num_c_blocks * num_c_blocks) + 1))
     part_gw = torch.empty((g, c, c), device=y.device, dtype=torch.float32)
