@@ -22,10 +22,8 @@ Usage (needs a CUDA GPU):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -35,6 +33,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import environment  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "kernels.jsonl")
 FLOAT32 = 4
@@ -116,26 +117,6 @@ def require_cuda() -> torch.device:
                          "machine (the Triton interpreter is far too slow to time). Run the correctness tests "
                          "instead: TRITON_INTERPRET=1 python -m pytest tests/test_kernels_*.py")
     return torch.device("cuda")
-
-
-def _environment() -> Dict[str, str]:
-    import triton
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        rev += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": rev,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-    }
 
 
 def _bench(fn: Callable[[], object], quick: bool) -> float:
@@ -327,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from revglow.kernels import actnorm_conv1x1 as actnorm_conv1x1_kernels
 
     actnorm_conv1x1_kernels.DOT_INPUT_PRECISION = args.dot_precision
-    env = _environment()
+    env = environment("cuda")
     env["dot_precision"] = args.dot_precision
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, git {env['git']}, {env['date']}, "
           f"tl.dot input_precision {args.dot_precision}")
