@@ -16,6 +16,8 @@ if not torch.cuda.is_available() or os.environ.get("REVGLOW_TEST_DEVICE", "") ==
 
 import pytest  # noqa: E402
 
+from flow_checks import rel_err  # noqa: E402,F401  (re-exported for the kernel tests)
+
 __all__ = ["kernel_device", "rel_err", "assert_close_normwise", "random_actnorm_conv1x1_params"]
 
 # Normwise relative tolerance, ||a - b|| / ||b||, of float32 kernels against the float32 reference.
@@ -32,13 +34,6 @@ def kernel_device() -> torch.device:
         pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)")
     pytest.importorskip("triton")
     return device
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64."""
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, tol: float = FLOAT32_TOL, name: str = ""):
