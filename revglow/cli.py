@@ -1,0 +1,407 @@
+"""The `revglow` command line: train, eval, sample, interpolate, manipulate.
+
+The training flags are built from the fields of GlowConfig and TrainConfig (dataclasses.fields), so
+every option of either has exactly one flag, named after the field (`--n-bits`, `--batch-size`, ...).
+
+Example:
+    $ revglow train --max-steps 1500 --out runs/digits
+    $ revglow sample --checkpoint runs/digits/checkpoint.pt --n 64 --temperature 0.7 --out grid.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import COUPLINGS, KERNEL_BACKENDS, MEMORY_MODES, PERMUTATIONS, RECONSTRUCTION_CHECKS, GlowConfig
+from .data import DATASETS, load_dataset
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+COMMANDS = ("train", "eval", "sample", "interpolate", "manipulate")
+
+_CHOICES = {
+    "coupling": COUPLINGS, "permutation": PERMUTATIONS, "memory": MEMORY_MODES, "kernels": KERNEL_BACKENDS,
+    "check_reconstruction": RECONSTRUCTION_CHECKS, "data": DATASETS, "amp": ("off", "bf16"),
+}
+_HELP = {
+    "levels": "number of scales L (H and W must be divisible by 2**L)",
+    "depth": "flow steps K per level",
+    "hidden": "channels of the coupling networks",
+    "coupling": "coupling layer",
+    "permutation": "channel permutation between couplings",
+    "n_bits": "bits per channel the images are reduced to",
+    "learn_top": "learned top prior instead of N(0, I)",
+    "num_classes": "> 0: class-conditional prior (the data set must have labels)",
+    "memory": "how training keeps activations: reversible (constant in depth), checkpoint or autograd",
+    "kernels": "fused Triton kernels on CUDA (auto), or force torch/triton",
+    "check_reconstruction": "check of the reversible engine's rebuilt inputs",
+    "reconstruction_tol": "relative error above which that check fires",
+    "data": "data set (read from local files only)",
+    "data_root": "cifar10: folder with the python batches; folder: image folder; npz: the .npz file",
+    "image_size": "folder data: resize (shorter side) and centre-crop images to this size",
+    "batch_size": "images per step",
+    "lr": "Adam learning rate",
+    "warmup": "linear learning-rate warm-up, in steps (default: min(200, total steps // 10))",
+    "grad_clip": "clip the global gradient norm to this ('none': no clipping)",
+    "max_steps": "total optimizer steps (default 1500 unless --epochs)",
+    "epochs": "train this many passes over the train split instead of --max-steps",
+    "seed": "seed of the data order, initialization and dequantization noise",
+    "device": "auto (cuda if available), cpu, cuda, cuda:N",
+    "amp": "bf16: autocast the model call to bfloat16 (the flow itself stays float32)",
+    "ema": "Polyak averaging decay of the weights used for eval and samples ('none': off)",
+    "out": "output folder (default runs/DATA)",
+    "workers": "DataLoader worker processes",
+    "eval_every": "steps between test evaluations (0: only at the end)",
+    "sample_every": "steps between sample grids (0: only at the end)",
+    "checkpoint_every": "steps between checkpoints (0: only at the end)",
+    "keep": "how many checkpoint-STEP.pt files to keep",
+    "max_bad_steps": "stop after this many non-finite steps in a row",
+    "n_samples": "images per sample grid",
+    "progress": "show a progress bar",
+}
+
+
+class CommandError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 1."""
+
+
+# ------------------------------------------------------------------------------------ flag building
+
+def _flag_type(name: str, hint):
+    """argparse type for a dataclass field's type hint; Optional[...] also accepts 'none'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = origin is typing.Union and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+
+    def convert(text: str):
+        if optional and text.lower() in ("none", "off"):
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if base is int else 'a'} {base.__name__}"
+                                             f"{' or none' if optional else ''}; got {text!r}") from None
+    convert.__name__ = base.__name__
+    return base, convert
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> List[str]:
+    """One flag per field of `cls`; only flags given on the command line appear in the namespace."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for item in fields(cls):
+        if item.name in skip:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        default = item.default if item.default is not MISSING else None
+        help_text = _HELP.get(item.name, "")
+        base, convert = _flag_type(item.name, hints[item.name])
+        if base is bool:
+            group.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {default})")
+        else:
+            kwargs = {"choices": _CHOICES[item.name]} if item.name in _CHOICES else {}
+            group.add_argument(flag, dest=item.name, type=convert, default=argparse.SUPPRESS,
+                               metavar=None if kwargs else item.name.upper(),
+                               help=f"{help_text} (default: {default})", **kwargs)
+        names.append(item.name)
+    return names
+
+
+def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint.pt written by revglow train")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latents and dequantization noise")
+    parser.add_argument("--no-ema", dest="ema", action="store_false",
+                        help="use the raw weights even when the checkpoint has EMA weights")
+    parser.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `revglow` argument parser with its five commands."""
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="revglow", description="Glow normalizing flows: train, evaluate, "
+                                     "sample, interpolate and manipulate images.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a Glow model",
+                                description="Train a Glow model; the defaults train a small one on the 8x8 digits.")
+    train.add_argument("--resume", nargs="?", const="", default=argparse.SUPPRESS, metavar="CHECKPOINT",
+                       help="continue a run exactly (default checkpoint: OUT/checkpoint.pt)")
+    _add_dataclass_flags(train, GlowConfig, skip=("image_shape",))
+    _add_dataclass_flags(train, TrainConfig, skip=("resume",))
+
+    evaluate = commands.add_parser("eval", help="test-set bits/dim of a checkpoint")
+    _add_checkpoint_flags(evaluate)
+    evaluate.add_argument("--data", choices=DATASETS, default=None, help="data set (default: the one trained on)")
+    evaluate.add_argument("--data-root", default=None, help="its folder or file (see revglow train --help)")
+    evaluate.add_argument("--image-size", type=int, default=None, help="folder data: image size")
+    evaluate.add_argument("--draws", type=int, default=1, help="dequantization noise draws averaged per image")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+    sample = commands.add_parser("sample", help="a grid of samples from a checkpoint")
+    _add_checkpoint_flags(sample)
+    sample.add_argument("--n", type=int, default=64, help="number of samples")
+    sample.add_argument("--temperature", type=float, default=0.7, help="latent standard deviation (paper, section 5)")
+    sample.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    sample.add_argument("--out", required=True, help="PNG or JPEG file to write")
+
+    interpolate = commands.add_parser("interpolate", help="decode a straight line between two images' latents")
+    _add_checkpoint_flags(interpolate)
+    interpolate.add_argument("--images", nargs=2, required=True, metavar=("A", "B"), help="two PNG/JPEG images")
+    interpolate.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included")
+    interpolate.add_argument("--out", required=True, help="PNG or JPEG file to write")
+
+    manipulate = commands.add_parser("manipulate", help="move an image along an attribute direction in latent space")
+    _add_checkpoint_flags(manipulate)
+    manipulate.add_argument("--labels", required=True, metavar="CSV",
+                            help="CSV with a header row: image path (relative to the CSV), then 0/1 or -1/1 columns")
+    manipulate.add_argument("--attribute", required=True, help="column of the CSV to use")
+    manipulate.add_argument("--image", required=True, help="the PNG/JPEG image to manipulate")
+    manipulate.add_argument("--alphas", default="-1,-0.5,0,0.5,1", help="comma-separated multiples of the direction")
+    manipulate.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
+    manipulate.add_argument("--out", required=True, help="PNG or JPEG file to write")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, Trainer, default_glow_config, load_resume_state, train_config_for_resume
+
+    given = vars(args)
+    glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given}
+    train_over = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given and f.name != "resume"}
+    state = None
+    if "resume" in given:
+        path = given["resume"] or str(Path(TrainConfig(**{k: v for k, v in train_over.items()
+                                                            if k in ("data", "out")}).out) / "checkpoint.pt")
+        state = load_resume_state(path)
+        saved = GlowConfig.from_dict(state["glow_config"]).to_dict()
+        changed = sorted(k for k, v in glow_over.items() if saved.get(k) != v)
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise CommandError(f"{path}: cannot change the model on resume ({flags} differ from the checkpoint)")
+        glow = GlowConfig.from_dict(state["glow_config"])
+        config = train_config_for_resume(state, {**train_over, "resume": path})
+        data = load_dataset(config.data, config.data_root, config.image_size)
+    else:
+        config = TrainConfig(**train_over)
+        data = load_dataset(config.data, config.data_root, config.image_size)
+        glow = default_glow_config(data, **glow_over)
+    trainer = Trainer(glow, config, data=data, resume_state=state)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    c, h, w = data.image_shape
+    start = f"resuming at step {trainer.step}" if state is not None else "starting"
+    print(f"revglow train: {data.name}, {len(data.train)} train / {len(data.test)} test images {c}x{h}x{w}; "
+          f"Glow levels={glow.levels} depth={glow.depth} hidden={glow.hidden} {glow.coupling} n_bits={glow.n_bits} "
+          f"memory={glow.memory}, {n_params:,} parameters; {trainer.total_steps} steps on {trainer.device}; {start}",
+          flush=True)
+    result = trainer.run()
+    weights = "EMA weights" if result.used_ema else "raw weights"
+    print(f"test bits/dim:     {result.test_bpd:.4f} ± {result.test_bpd_stderr:.4f} "
+          f"(Glow, {weights}, {result.test_images} test images, step {result.step})")
+    print(f"baseline bits/dim: {result.baseline_bpd:.4f} (independent per-pixel categorical at {glow.n_bits} bits, "
+          f"Laplace smoothing, fitted on the train split)")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"samples:    {', '.join(str(p) for p in result.samples)}")
+    print(f"metrics:    {result.out / 'metrics.jsonl'}")
+    return 0
+
+
+def _load_for_generation(args: argparse.Namespace):
+    from .train import load_model, resolve_device
+
+    state = load_checkpoint(args.checkpoint, required=("model", "glow_config"))
+    device = resolve_device(args.device)
+    model = load_model(state, device, use_ema=args.ema)
+    torch.manual_seed(args.seed)
+    labels = None
+    k = model.config.num_classes
+    if args.label is not None:
+        if k == 0:
+            raise CommandError(f"--label {args.label}: the model in {args.checkpoint} is not class-conditional")
+        if not 0 <= args.label < k:
+            raise CommandError(f"--label must lie in [0, {k - 1}]; got {args.label}")
+        labels = args.label
+    elif k > 0 and args.command != "sample":
+        raise CommandError(f"the model in {args.checkpoint} is class-conditional ({k} classes): pass --label")
+    return state, model, device, labels
+
+
+def _label_tensor(label: Optional[int], n: int, device) -> Optional[torch.Tensor]:
+    return None if label is None else torch.full((n,), label, dtype=torch.long, device=device)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_bits_per_dim, standard_error
+
+    if args.draws < 1:
+        raise CommandError(f"--draws must be >= 1; got {args.draws}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
+    state, model, device, _ = _load_for_generation(args)
+    trained = state.get("train_config", {})
+    name = args.data or trained.get("data", "digits")
+    same = args.data is None or args.data == trained.get("data")
+    root = args.data_root if args.data_root is not None else (trained.get("data_root") if same else None)
+    size = args.image_size if args.image_size is not None else (trained.get("image_size") if same else None)
+    data = load_dataset(name, root, size)
+    if tuple(data.image_shape) != tuple(model.config.image_shape):
+        raise CommandError(f"the {name} images are {data.image_shape}; the model expects {tuple(model.config.image_shape)}")
+    bpd = evaluate_bits_per_dim(model, data.test, args.batch_size, device, draws=args.draws, seed=args.seed,
+                                workers=args.workers)
+    has_ema = bool(state.get("ema")) and args.ema
+    print(f"test bits/dim: {float(bpd.mean()):.4f} ± {standard_error(bpd):.4f} (standard error; {bpd.numel()} {name} test "
+          f"images, {args.draws} dequantization draw{'s' if args.draws > 1 else ''}, "
+          f"{'EMA' if has_ema else 'raw'} weights, step {state.get('step', '?')})")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .images import save_grid
+
+    if args.n < 1:
+        raise CommandError(f"--n must be >= 1; got {args.n}")
+    if args.temperature < 0:
+        raise CommandError(f"--temperature must be >= 0; got {args.temperature}")
+    _, model, device, label = _load_for_generation(args)
+    labels = _label_tensor(label, args.n, device)
+    if labels is None and model.config.num_classes > 0:
+        labels = torch.arange(args.n, device=device) % model.config.num_classes
+    generator = torch.Generator(device).manual_seed(args.seed)
+    images = model.sample(args.n, temperature=args.temperature, y=labels, generator=generator)
+    path = save_grid(images, args.out, nrow=args.nrow)
+    print(f"wrote {args.n} samples (temperature {args.temperature}) to {path}")
+    return 0
+
+
+def _load_images(model, paths: Sequence[str], device) -> torch.Tensor:
+    from .images import load_image
+
+    c, h, w = model.config.image_shape
+    return torch.stack([load_image(p, size=(h, w), channels=c) for p in paths]).to(device)
+
+
+@torch.no_grad()
+def _encode_images(model, images: torch.Tensor, label: Optional[int]) -> List[torch.Tensor]:
+    return model.encode(model.preprocess(images), _label_tensor(label, images.shape[0], images.device))
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from .images import save_grid
+
+    if args.steps < 2:
+        raise CommandError(f"--steps must be >= 2 (both ends are included); got {args.steps}")
+    _, model, device, label = _load_for_generation(args)
+    latents = _encode_images(model, _load_images(model, args.images, device), label)
+    weights = torch.linspace(0.0, 1.0, args.steps, device=device)
+    path_latents = [torch.stack([(1 - t) * z[0] + t * z[1] for t in weights]) for z in latents]
+    with torch.no_grad():
+        frames = model.postprocess(model.decode(path_latents, _label_tensor(label, args.steps, device)))
+    path = save_grid(frames, args.out, nrow=args.steps)
+    print(f"wrote {args.steps} interpolated images between {args.images[0]} and {args.images[1]} to {path}")
+    return 0
+
+
+def _read_attribute_csv(csv_path: Path, attribute: str):
+    if not csv_path.is_file():
+        raise CommandError(f"{csv_path}: no such labels file")
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or len(rows[0]) < 2:
+        raise CommandError(f"{csv_path}: expected a header row 'path,ATTRIBUTE,...' and one row per image")
+    header = [h.strip() for h in rows[0]]
+    if attribute not in header[1:]:
+        raise CommandError(f"{csv_path}: no attribute column {attribute!r}; the columns are {header[1:]}")
+    column = header.index(attribute)
+    positive, negative = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != len(header):
+            raise CommandError(f"{csv_path}, line {line}: {len(row)} fields; the header has {len(header)}")
+        value = row[column].strip()
+        if value not in ("1", "0", "-1"):
+            raise CommandError(f"{csv_path}, line {line}: {attribute} must be 0/1 or -1/1; got {value!r}")
+        target = csv_path.parent / row[0].strip()
+        (positive if value == "1" else negative).append(target)
+    if not positive or not negative:
+        raise CommandError(f"{csv_path}: need images both with and without {attribute!r}; "
+                           f"found {len(positive)} with and {len(negative)} without")
+    return positive, negative
+
+
+def _mean_latent(model, paths: List[Path], batch_size: int, device, label) -> List[torch.Tensor]:
+    sums = None
+    for start in range(0, len(paths), batch_size):
+        latents = _encode_images(model, _load_images(model, paths[start:start + batch_size], device), label)
+        batch_sums = [z.sum(dim=0) for z in latents]
+        sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
+    return [s / len(paths) for s in sums]
+
+
+def _cmd_manipulate(args: argparse.Namespace) -> int:
+    from .images import save_grid
+
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise CommandError(f"--alphas must be comma-separated numbers, e.g. -1,-0.5,0,0.5,1; got {args.alphas!r}")
+    if not alphas:
+        raise CommandError("--alphas is empty")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
+    positive, negative = _read_attribute_csv(Path(args.labels), args.attribute)
+    _, model, device, label = _load_for_generation(args)
+    with_attr = _mean_latent(model, positive, args.batch_size, device, label)
+    without = _mean_latent(model, negative, args.batch_size, device, label)
+    direction = [a - b for a, b in zip(with_attr, without)]
+    base = _encode_images(model, _load_images(model, [args.image], device), label)
+    moved = [torch.stack([z[0] + alpha * d for alpha in alphas]) for z, d in zip(base, direction)]
+    with torch.no_grad():
+        frames = model.postprocess(model.decode(moved, _label_tensor(label, len(alphas), device)))
+    path = save_grid(frames, args.out, nrow=len(alphas))
+    print(f"wrote {args.image} moved along {args.attribute!r} ({len(positive)} images with, {len(negative)} without) "
+          f"by alphas {alphas} to {path}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,
+             "manipulate": _cmd_manipulate}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `revglow` with `argv` (default sys.argv[1:]); returns the exit status.
+
+    Usage errors exit with argparse's status 2; other errors print one line `revglow: error: ...` and
+    return 1 (set REVGLOW_DEBUG=1 to see the traceback instead).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:          # --help, or a usage error argparse has already printed
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("revglow: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, TypeError, OSError, RuntimeError) as exc:
+        if os.environ.get("REVGLOW_DEBUG"):
+            raise
+        message = str(exc) or type(exc).__name__
+        print(f"revglow: error: {message}", file=sys.stderr)
+        return 1
