@@ -236,7 +236,7 @@ def _load_for_generation(args: argparse.Namespace):
         if not 0 <= args.label < k:
             raise CommandError(f"--label must lie in [0, {k - 1}]; got {args.label}")
         labels = args.label
-    elif k > 0 and args.command != "sample":
+    elif k > 0 and args.command in ("interpolate", "manipulate"):
         raise CommandError(f"the model in {args.checkpoint} is class-conditional ({k} classes): pass --label")
     return state, model, device, labels
 
@@ -379,6 +379,18 @@ def _cmd_manipulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join_negative_values(argv: List[str]) -> List[str]:
+    """Let `--alphas -1,-0.5,0` through: argparse would read a value starting with '-' as a flag."""
+    out = []
+    for item in argv:
+        looks_negative = item[:1] == "-" and (item[1:2].isdigit() or item[1:2] == ".")
+        if out and out[-1] == "--alphas" and looks_negative:
+            out[-1] = f"--alphas={item}"
+        else:
+            out.append(item)
+    return out
+
+
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,
              "manipulate": _cmd_manipulate}
 
@@ -390,8 +402,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 (set REVGLOW_DEBUG=1 to see the traceback instead).
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_negative_values(argv))
     except SystemExit as exc:          # --help, or a usage error argparse has already printed
         return int(exc.code) if isinstance(exc.code, int) else 2
     try:
