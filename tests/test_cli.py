@@ -131,3 +131,24 @@ def test_subprocess_exit_codes(digits_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "revglow", "eval", "--checkpoint", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip() == f"revglow: error: {tmp_path / 'nope.pt'}: no such checkpoint file"
+
+
+def test_diverging_run_exits_1_with_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    from revglow import Glow
+
+    real_forward = Glow.forward
+    calls = {"n": 0}
+
+    def forward(self, x, y=None):
+        calls["n"] += 1
+        bpd = real_forward(self, x, y)
+        return bpd + float("inf") if calls["n"] > 2 else bpd
+
+    monkeypatch.setattr(Glow, "forward", forward)
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--max-steps", "10", "--checkpoint-every", "1", "--max-bad-steps", "2", "--out", str(out)]
+    with pytest.warns(RuntimeWarning):
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "revglow: error: 2 non-finite steps in a row" in err and "last good checkpoint" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2

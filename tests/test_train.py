@@ -136,3 +136,31 @@ def test_train_config_validation():
         TrainConfig(ema=1.5)
     assert TrainConfig(data="cifar10").out == "runs/cifar10"
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_worker_processes_give_the_same_run(tmp_path, digits):
+    losses = []
+    for workers in (0, 1):
+        Trainer(TINY, _config(tmp_path / str(workers), max_steps=3, workers=workers), data=digits).run()
+        losses.append(_losses(tmp_path / str(workers)))
+    assert losses[0] == losses[1]
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, digits, monkeypatch):
+    import revglow.checkpoint as checkpoint_module
+
+    trainer = Trainer(TINY, _config(tmp_path, max_steps=4, checkpoint_every=2), data=digits)
+    real_replace = checkpoint_module.os.replace
+    calls = {"n": 0}
+
+    def replace(source, target):
+        calls["n"] += 1
+        if str(target).endswith("checkpoint.pt") and calls["n"] > 2:   # the save at step 4 dies mid-way
+            raise OSError("disk full (injected)")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))
