@@ -16,7 +16,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
