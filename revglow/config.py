@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Tuple
 
-__all__ = ["GlowConfig", "COUPLINGS", "PERMUTATIONS", "MEMORY_MODES", "KERNEL_BACKENDS", "RECONSTRUCTION_CHECKS"]
+__all__ = ["GlowConfig", "check_int", "check_known_fields", "COUPLINGS", "PERMUTATIONS", "MEMORY_MODES", "KERNEL_BACKENDS", "RECONSTRUCTION_CHECKS"]
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv_lu", "invconv", "shuffle", "reverse")
@@ -20,11 +20,23 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"GlowConfig.{name}={value!r} is not a known option; choose one of {choices}")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def check_int(owner: str, name: str, value, minimum: int) -> None:
+    """A config field that must be an int (not a bool) of at least `minimum`; the error names `owner.name`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"GlowConfig.{name} must be an int; got {type(value).__name__}")
+        raise TypeError(f"{owner}.{name} must be an int; got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"GlowConfig.{name} must be >= {minimum}; got {value}")
+        raise ValueError(f"{owner}.{name} must be >= {minimum}; got {value}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    check_int("GlowConfig", name, value, minimum)
+
+
+def check_known_fields(cls, data: dict) -> None:
+    """`cls.from_dict` refuses keys that are not fields of the dataclass `cls`, naming them."""
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown option(s) {sorted(unknown)}")
 
 
 @dataclass
@@ -98,10 +110,7 @@ class GlowConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GlowConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"GlowConfig.from_dict: unknown option(s) {sorted(unknown)}")
+        check_known_fields(cls, data)
         data = dict(data)
         if "image_shape" in data:
             data["image_shape"] = tuple(data["image_shape"])

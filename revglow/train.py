@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -31,7 +31,7 @@ from torch import nn
 from .baseline import PixelCategoricalBaseline
 from .checkpoint import (capture_rng_state, link_or_copy_atomic, load_checkpoint, prune_step_checkpoints,
                          restore_rng_state, save_checkpoint, step_checkpoint_path)
-from .config import GlowConfig
+from .config import GlowConfig, check_int, check_known_fields
 from .data import DATASETS, DataPosition, ImageData, load_dataset, make_eval_loader, make_train_loader, stack_images
 from .images import save_grid
 from .model import Glow
@@ -138,18 +138,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"TrainConfig.from_dict: unknown option(s) {sorted(unknown)}")
+        check_known_fields(cls, data)
         return cls(**data)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"TrainConfig.{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"TrainConfig.{name} must be >= {minimum}; got {value}")
+    check_int("TrainConfig", name, value, minimum)
 
 
 def default_glow_config(data: ImageData, **overrides) -> GlowConfig:

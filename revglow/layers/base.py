@@ -21,6 +21,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from revglow.reversible import inverse_vjp_by_replay, vjp
+
 __all__ = ["InvertibleModule", "ParamGrads", "grads_for"]
 
 ParamGrads = Dict[nn.Parameter, torch.Tensor]
@@ -29,11 +31,9 @@ ParamGrads = Dict[nn.Parameter, torch.Tensor]
 def grads_for(outputs, grad_outputs, params) -> ParamGrads:
     """dL/dparam for `params` by a vector-Jacobian product of `outputs`; unused parameters get no entry."""
     params = [p for p in params if p.requires_grad]
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad and g is not None]
-    if not params or not pairs:
+    if not params:
         return {}
-    grads = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
-    return {p: g for p, g in zip(params, grads) if g is not None}
+    return {p: g for p, g in zip(params, vjp(outputs, grad_outputs, params)) if g is not None}
 
 
 class InvertibleModule(nn.Module):
@@ -46,15 +46,5 @@ class InvertibleModule(nn.Module):
         raise NotImplementedError
 
     def inverse_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
-        with torch.no_grad():
-            x, _ = self.inverse(y)
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            y_again, logdet = self.forward(x)
-        params = [p for p in self.parameters() if p.requires_grad]
-        outputs, grads = [y_again, logdet], [grad_y, grad_logdet]
-        inputs = [x] + params
-        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-        result = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
-        grad_x = result[0] if result[0] is not None else torch.zeros_like(x)
-        return x.detach(), grad_x, {p: g for p, g in zip(params, result[1:]) if g is not None}
+        """Generic: invert, then replay the forward under autograd. Subclasses with structure override it."""
+        return inverse_vjp_by_replay(self, y, grad_y, grad_logdet)

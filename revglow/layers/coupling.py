@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revglow.layers.base import InvertibleModule, grads_for
+from revglow.layers.base import InvertibleModule
 from revglow.ops import coupling_affine as ops
 from revglow.ops.dispatch import resolve_backend
 
