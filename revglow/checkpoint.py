@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -67,6 +68,22 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _replacing(target: Path, tmp_path: Path):
+    """Run the body that writes `tmp_path`, then rename it over `target` and fsync the folder; on any failure
+    remove the temporary file and leave `target` as it was."""
+    try:
+        yield
+        os.replace(tmp_path, target)
+    except BaseException:
+        try:
+            tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(target.parent if str(target.parent) else Path("."))
+
+
 def save_checkpoint(state: Dict, path: PathLike) -> Path:
     """Write `state` to `path` atomically (temporary file, fsync, os.replace, fsync of the folder).
 
@@ -82,20 +99,10 @@ def save_checkpoint(state: Dict, path: PathLike) -> Path:
     payload[FORMAT_KEY] = FORMAT_NAME
     payload["format_version"] = FORMAT_VERSION
     handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    tmp_path = Path(handle.name)
-    try:
-        with handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            tmp_path.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(folder)
+    with _replacing(path, Path(handle.name)), handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 
@@ -103,21 +110,13 @@ def link_or_copy_atomic(source: PathLike, target: PathLike) -> Path:
     """Make `target` a copy of `source` atomically: a hard link (no extra I/O) or, failing that, a copy."""
     source, target = Path(source), Path(target)
     tmp_path = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with _replacing(target, tmp_path):
         try:
             os.link(source, tmp_path)
         except OSError:
             shutil.copyfile(source, tmp_path)
             with open(tmp_path, "rb+") as handle:
                 os.fsync(handle.fileno())
-        os.replace(tmp_path, target)
-    except BaseException:
-        try:
-            tmp_path.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(target.parent)
     return target
 
 
