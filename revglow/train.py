@@ -539,8 +539,10 @@ class Trainer:
             self._clear_previous_run()
         metrics = _MetricsLog(self.out, self._resumed_step)
         conditional = self.glow_config.num_classes > 0
+        # In a log file (not a terminal) a bar redrawn ten times a second floods it: redraw every 10 s there.
+        interactive = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress, unit="step",
-                   dynamic_ncols=True, desc="train")
+                   dynamic_ncols=True, desc="train", mininterval=0.1 if interactive else 10.0)
         smoothed_bpd, smoothed_rate = None, None
         last_saved = -1
         try:

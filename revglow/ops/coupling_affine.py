@@ -51,9 +51,10 @@ def coupling_affine_reversible_backward_reference(ya, h, grad_ya, grad_logdet):
     """From ya, h, dL/dya and dL/dlogdet [N]: (xa, dL/dxa, dL/dh) with dL/dh in h's layout and dtype ya's."""
     shift, raw = _split_h(ya, h)
     s = torch.sigmoid(raw + 2.0)
+    one_minus_s = torch.sigmoid(-(raw + 2.0))  # = 1 - s without the cancellation when s is close to 1
     xa = ya / s - shift
     grad_xa = grad_ya * s
-    grad_raw = (grad_ya * ya + grad_logdet.to(ya.dtype).view(-1, 1, 1, 1)) * (1.0 - s)
+    grad_raw = (grad_ya * ya + grad_logdet.to(ya.dtype).view(-1, 1, 1, 1)) * one_minus_s
     return xa, grad_xa, torch.cat([grad_xa, grad_raw], dim=1)
 
 
