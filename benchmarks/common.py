@@ -46,9 +46,11 @@ def environment(device: str = "cpu") -> Dict[str, object]:
     return env
 
 
-def append_rows(filename: str, rows: Iterable[dict]) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, filename)
+def append_rows(path: str, rows: Iterable[dict]) -> str:
+    """Append one JSON line per row to `path` (a bare file name goes to benchmarks/results/)."""
+    if os.path.dirname(path) == "":
+        path = os.path.join(RESULTS, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")

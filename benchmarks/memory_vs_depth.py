@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", default="memory_vs_depth.jsonl",
+                        help="JSON-lines file to append to (a bare name goes to benchmarks/results/)")
     args = parser.parse_args(argv)
 
     env = environment(args.device)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
                          "batch": args.batch_size, **r})
             line.append(f"{r['activation_mib']:9.1f}")
         print(f"{mode:>11} " + " ".join(line))
-    path = append_rows("memory_vs_depth.jsonl", rows)
+    path = append_rows(args.results, rows)
 
     ok = True
     k0, k1 = min(args.depths), max(args.depths)

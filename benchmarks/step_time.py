@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", default="step_time.jsonl",
+                        help="JSON-lines file to append to (a bare name goes to benchmarks/results/)")
     parser.add_argument("--kernels", default="auto")
     args = parser.parse_args(argv)
 
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
              "max_s": spread[m][1], "device": args.device, "kernels": args.kernels, "image_size": args.image_size,
              "levels": args.levels, "depth": args.depth, "hidden": args.hidden, "batch": args.batch_size,
              "rounds": args.rounds} for m in MODES]
-    print(f"rows appended to {append_rows('step_time.jsonl', rows)}")
+    print(f"rows appended to {append_rows(args.results, rows)}")
     return 0 if (r_auto <= 1.25 and r_ckpt <= 1.0) else 1
 
 
