@@ -58,18 +58,22 @@ def coupling_affine_reversible_backward_reference(ya, h, grad_ya, grad_logdet):
     return xa, grad_xa, torch.cat([grad_xa, grad_raw], dim=1)
 
 
-def coupling_affine(xa, h, backend: str = "torch"):
-    """Differentiable forward: (ya, logdet)."""
+def coupling_affine(xa, h, backend: str = "torch", out=None):
+    """Differentiable forward: (ya, logdet). With `out` (Triton, outside autograd only), ya is written into it,
+    e.g. into the coupled half of the step's output, in place of a torch.cat."""
+    if out is not None:
+        from revglow.kernels.coupling_affine import coupling_affine_forward_launch
+        return coupling_affine_forward_launch(xa, h, out=out)
     if backend == "triton":
         from revglow.ops._triton_functions import coupling_affine_triton
         return coupling_affine_triton(xa, h)
     return coupling_affine_reference(xa, h)
 
 
-def coupling_affine_inverse(ya, h, backend: str = "torch"):
-    if backend == "triton":
+def coupling_affine_inverse(ya, h, backend: str = "torch", out=None):
+    if backend == "triton" or out is not None:
         from revglow.kernels.coupling_affine import coupling_affine_inverse_launch
-        return coupling_affine_inverse_launch(ya, h)
+        return coupling_affine_inverse_launch(ya, h, out=out)
     return coupling_affine_inverse_reference(ya, h)
 
 
