@@ -15,3 +15,14 @@ def test_train_digits_example(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "step     3  train bits/dim" in run.stdout and "test bits/dim" in run.stdout
     assert (tmp_path / "digits_samples.png").exists()
+
+
+def test_train_ddp_example_under_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", str(REPO / "examples" / "train_ddp.py"), "--steps", "4",
+                          "--batch-size", "8"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step    4  train bits/dim" in run.stdout
+    assert "max parameter difference between ranks: 0" in run.stdout
