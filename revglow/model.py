@@ -143,8 +143,10 @@ class Glow(nn.Module):
     def preprocess(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
         """Reduce to n_bits, scale to [-0.5, 0.5], add uniform dequantization noise of one bin's width."""
         self._check_raw_images(x, "preprocess")
-        xq = self.quantize(x)
-        xc = xq / self.n_bins - 0.5
+        return self._dequantize(x, noise)
+
+    def _dequantize(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        xc = self.quantize(x) / self.n_bins - 0.5
         if noise:
             xc = xc + torch.rand_like(xc) / self.n_bins
         return xc
@@ -203,6 +205,9 @@ class Glow(nn.Module):
         self._check_preprocessed(xc, "log_prob")
         y = self._check_labels(y, xc.shape[0], "log_prob")
         self._require_initialized("log_prob")
+        return self._log_prob(xc, y)
+
+    def _log_prob(self, xc: torch.Tensor, y) -> torch.Tensor:
         latents, logdet = self._encode(xc, y)
         return sum(_standard_normal_log_prob(eps) for eps in latents) + logdet
 
@@ -212,26 +217,33 @@ class Glow(nn.Module):
         The density of xc on [-0.5, 0.5]^D is over bins of width 1/n_bins, so the discrete log-likelihood
         bound is log p(xc) - D log(n_bins): bits/dim = -(log p(xc) - D log n_bins) / (D log 2).
         """
+        return self._bits_per_dim(self.log_prob(xc, y))
+
+    def _bits_per_dim(self, log_prob: torch.Tensor) -> torch.Tensor:
         d = self.config.num_dims
-        return -(self.log_prob(xc, y) - d * math.log(self.n_bins)) / (d * math.log(2.0))
+        return -(log_prob - d * math.log(self.n_bins)) / (d * math.log(2.0))
 
     def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1])."""
         self._check_raw_images(x, "forward")
         y = self._check_labels(y, x.shape[0], "forward")
         if not self.is_initialized:
-            self.initialize(x, y)
-        return self.bits_per_dim(self.preprocess(x), y)
+            self._initialize(x, y)
+        # x and y were checked above: no second pass over the data for the same checks
+        return self._bits_per_dim(self._log_prob(self._dequantize(x), y))
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y=None) -> None:
         """Data-dependent initialization of every ActNorm on a batch of images (paper, section 3.1)."""
         self._check_raw_images(x, "initialize")
-        y = self._check_labels(y, x.shape[0], "initialize")
+        self._initialize(x, self._check_labels(y, x.shape[0], "initialize"))
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor, y) -> None:
         for m in self.modules():
             if isinstance(m, ActNorm):
                 m.initialized.fill_(False)
-        self._encode(self.preprocess(x), y)
+        self._encode(self._dequantize(x), y)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y=None, generator: Optional[torch.Generator] = None):
