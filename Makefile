@@ -12,7 +12,7 @@ demo:
 	"$$py" -m revglow sample --checkpoint runs/demo/checkpoint.pt --n 64 --temperature 0.7 --out runs/demo/samples.png
 
 test:
-	@py="$(PY)"; "$$py" -m pytest -q tests
+	@py="$(PY)"; "$$py" -m pytest -q
 
 bench:
 	@py="$(PY)"; set -e; \

@@ -62,4 +62,5 @@ dist.all_gather(gathered, flat)
 if rank == 0:
     drift = max((g - flat).abs().max().item() for g in gathered)
     print(f"max parameter difference between ranks: {drift:.3g}")
+dist.barrier()  # no rank tears the process group down while another still uses it
 dist.destroy_process_group()

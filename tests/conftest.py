@@ -15,6 +15,10 @@ if not torch.cuda.is_available() or os.environ.get("REVGLOW_TEST_DEVICE", "") ==
 
 import pytest  # noqa: E402
 
+# A script run in its own process by test_kernels_compile.py (it refuses to import under the interpreter),
+# not a module for --doctest-modules to import.
+collect_ignore = ["kernel_compile_check.py"]
+
 # The tests use tiny tensors, which gain nothing from intra-op threads; and when another process competes
 # for the cores, OpenMP's spin-waiting makes each tiny op orders of magnitude slower (seen: a 3-level,
 # 32-step model on 8x8 images took 80 s instead of 2 s). One thread keeps the suite fast and steady.

@@ -39,6 +39,7 @@ def _worker(rank: int, port: int, x: torch.Tensor, path: str) -> None:
         ddp(x[rank * half:(rank + 1) * half]).mean().backward()
         if rank == 0:
             torch.save([p.grad for p in model.parameters()], path)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
