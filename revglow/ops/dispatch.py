@@ -29,13 +29,14 @@ def _interpreting() -> bool:
 def resolve_backend(kernels: str, tensor: torch.Tensor) -> str:
     """Map a `GlowConfig.kernels` choice and the tensor it will run on to "torch" or "triton".
 
-    "auto" takes Triton when the tensor is on CUDA and Triton imports, else the torch reference;
+    "auto" takes Triton when the tensor is float32 on CUDA and Triton imports (the kernels keep flow tensors
+    in float32; a float64 model runs the reference), else the torch reference;
     "triton" forces Triton (on the CPU only under TRITON_INTERPRET=1); "torch" never uses Triton.
     """
     if kernels == "torch":
         return "torch"
     if kernels == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        return "triton" if tensor.is_cuda and tensor.dtype == torch.float32 and triton_available() else "torch"
     if kernels == "triton":
         if not triton_available():
             raise RuntimeError(f"kernels='triton' was asked for, but Triton does not import: {_TRITON_IMPORT_ERROR}")
