@@ -16,32 +16,41 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
+    "channel_mix", "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
     "actnorm_conv1x1_reversible_backward_reference",
     "actnorm_conv1x1", "actnorm_conv1x1_inverse", "actnorm_conv1x1_reversible_backward",
 ]
 
 
-def _mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Apply a C x C matrix over the channel axis of [N, C, H, W]."""
-    return torch.einsum("oc,nchw->nohw", weight, x)
+def channel_mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply a C x C matrix over the channel axis of [N, C, H, W]: out[n, :, h, w] = weight @ x[n, :, h, w].
+
+    A batched matmul over [N, C, H*W] views, no permute (about twice as fast as einsum on the CPU)."""
+    n, c, h, w = x.shape
+    return torch.matmul(weight, x.reshape(n, c, h * w)).view(n, weight.shape[0], h, w)
+
+
+def _channel_outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over n, h, w of a[n, :, h, w] b[n, :, h, w]^T, a C x C matrix."""
+    n, c, h, w = a.shape
+    return torch.matmul(a.reshape(n, c, h * w), b.reshape(n, c, h * w).transpose(1, 2)).sum(0)
 
 
 def actnorm_conv1x1_reference(x, scale, bias, weight):
-    return _mix(weight, x * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+    return channel_mix(weight, x * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
 
 
 def actnorm_conv1x1_inverse_reference(y, scale, bias, weight_inv):
-    return (_mix(weight_inv, y) - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
+    return (channel_mix(weight_inv, y) - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
 
 
 def actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight, weight_inv):
     """From the output y and dL/dy: (x, dL/dx, dL/dscale, dL/dbias, dL/dweight), without autograd."""
-    u = _mix(weight_inv, y)
+    u = channel_mix(weight_inv, y)
     x = (u - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
-    grad_u = _mix(weight.t(), grad_y)
+    grad_u = channel_mix(weight.t(), grad_y)
     grad_x = grad_u * scale.view(1, -1, 1, 1)
-    grad_weight = torch.einsum("nohw,nchw->oc", grad_y, u)
+    grad_weight = _channel_outer_sum(grad_y, u)
     grad_scale = (grad_u * x).sum(dim=(0, 2, 3))
     grad_bias = grad_u.sum(dim=(0, 2, 3))
     return x, grad_x, grad_scale, grad_bias, grad_weight
