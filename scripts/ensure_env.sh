@@ -4,7 +4,6 @@
 # into it (torch==2.13.0, the CPU build, on a machine without a GPU; the default build where nvidia-smi sees one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-log=.env-setup.log
 if python3 -c "import torch" >/dev/null 2>&1; then
   py=$(command -v python3)
 else
