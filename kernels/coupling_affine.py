@@ -19,8 +19,9 @@ log s and 1 - s come from one exponential, e = exp(-|z|) with z = raw + 2, witho
 The per-sample logdet is reduced deterministically: each program writes its partial sum, torch.sum adds them.
 
 Only the per-sample blocks need to be contiguous: a tensor sliced along channels (x[:, :Ca] of a contiguous
-x) is used in place through its batch stride, and `out=` lets the forward write ya straight into a channel
-slice of a preallocated full tensor (saving the copy of a torch.cat).
+x) is used in place through its batch stride; `out=` lets the forward and inverse write their result straight
+into a channel slice of a preallocated full tensor, and `out_xa=` / `out_grad_xa=` do the same for the
+reversible backward (each saves the copy of a torch.cat).
 """
 from __future__ import annotations
 
@@ -86,13 +87,15 @@ def _coupling_affine_bwd_kernel(
     H,  # [N, 2*Ca, H, W] float32 or bfloat16 (batch stride STRIDE_H)
     GYA,  # [N, Ca, H, W] float32 dL/dya (batch stride STRIDE_GYA)
     GLOGDET,  # [N] float32 dL/dlogdet
-    XA,  # [N, Ca, H, W] float32 out, contiguous: rebuilt xa
-    GXA,  # [N, Ca, H, W] float32 out, contiguous: dL/dxa
+    XA,  # [N, Ca, H, W] float32 out (batch stride STRIDE_XA): rebuilt xa
+    GXA,  # [N, Ca, H, W] float32 out (batch stride STRIDE_GXA): dL/dxa
     GH,  # [N, 2*Ca, H, W] float32 out, contiguous: dL/dh
     NUMEL,  # Ca * H * W
     STRIDE_YA,
     STRIDE_H,
     STRIDE_GYA,
+    STRIDE_XA,
+    STRIDE_GXA,
     BLOCK: tl.constexpr,
     WRITE_XA: tl.constexpr,  # False under autograd, where only the gradients are wanted
 ):
@@ -109,8 +112,8 @@ def _coupling_affine_bwd_kernel(
     gxa = gya * s
     graw = (gya * ya + glogdet) * one_minus_s
     if WRITE_XA:
-        tl.store(XA + n * NUMEL + offs, ya / s - shift, mask=mask)
-    tl.store(GXA + n * NUMEL + offs, gxa, mask=mask)
+        tl.store(XA + n * STRIDE_XA + offs, ya / s - shift, mask=mask)
+    tl.store(GXA + n * STRIDE_GXA + offs, gxa, mask=mask)
     tl.store(GH + n * 2 * NUMEL + offs, gxa, mask=mask)
     tl.store(GH + n * 2 * NUMEL + NUMEL + offs, graw, mask=mask)
 
@@ -147,16 +150,23 @@ def _check(xa_name: str, xa: torch.Tensor, h: torch.Tensor):
     return _as_per_sample_contiguous(xa), _as_per_sample_contiguous(h.detach())
 
 
+def _output(name: str, out: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A new contiguous output shaped like `like`, or `out` checked: float32, same shape and device, samples
+    contiguous (e.g. a channel slice of a contiguous tensor, written in place of a torch.cat)."""
+    if out is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    if (tuple(out.shape) != tuple(like.shape) or out.dtype != torch.float32 or out.device != like.device
+            or not _per_sample_contiguous(out)):
+        raise ValueError(f"{name} must be a float32 tensor of shape {tuple(like.shape)} on {like.device} whose samples "
+                         f"are contiguous (e.g. a channel slice of a contiguous tensor); got {tuple(out.shape)}, "
+                         f"{out.dtype}, strides {out.stride()}")
+    return out
+
+
 def _launch_elementwise(inp: torch.Tensor, h: torch.Tensor, out: Optional[torch.Tensor], inverse: bool):
     n, ca, hh, ww = inp.shape
     numel = ca * hh * ww
-    if out is None:
-        out = torch.empty_like(inp, memory_format=torch.contiguous_format)
-    elif (tuple(out.shape) != tuple(inp.shape) or out.dtype != torch.float32 or out.device != inp.device
-          or not _per_sample_contiguous(out)):
-        raise ValueError("out must be a float32 tensor shaped like the input on its device whose samples are "
-                         f"contiguous (e.g. a channel slice of a contiguous tensor); got {tuple(out.shape)}, "
-                         f"{out.dtype}, strides {out.stride()}")
+    out = _output("out", out, inp)
     block = min(_BLOCK, max(16, triton.next_power_of_2(numel)))
     num_blocks = triton.cdiv(numel, block)
     part_logdet = torch.empty((n, num_blocks), device=inp.device, dtype=torch.float32)
@@ -185,12 +195,15 @@ def coupling_affine_inverse_launch(ya: torch.Tensor, h: torch.Tensor, out: Optio
 
 
 def coupling_affine_reversible_backward_launch(ya: torch.Tensor, h: torch.Tensor, grad_ya: torch.Tensor,
-                                               grad_logdet: torch.Tensor, *, return_input: bool = True):
+                                               grad_logdet: torch.Tensor, *, return_input: bool = True,
+                                               out_xa: Optional[torch.Tensor] = None,
+                                               out_grad_xa: Optional[torch.Tensor] = None):
     """From ya, h, dL/dya and dL/dlogdet [N]: (xa, dL/dxa, dL/dh), dL/dh float32 in h's layout.
 
     One pass: reads ya, h, grad_ya (and N scalars) once; writes xa, grad_xa and grad_h once. With
     return_input=False (the autograd Function, which needs only the gradients) xa is neither written nor
-    returned (None in its place).
+    returned (None in its place). `out_xa` / `out_grad_xa` (checked like `out=` of the forward) receive xa and
+    dL/dxa in place, e.g. the transformed half of the step's rebuilt input and of its gradient.
     """
     ya, h = _check("ya", ya, h)
     if tuple(grad_ya.shape) != tuple(ya.shape) or grad_ya.dtype != torch.float32:
@@ -202,12 +215,12 @@ def coupling_affine_reversible_backward_launch(ya: torch.Tensor, h: torch.Tensor
     grad_ya = _as_per_sample_contiguous(grad_ya)
     grad_logdet = grad_logdet.reshape(n).to(device=ya.device, dtype=torch.float32).contiguous()
     numel = ca * hh * ww
-    grad_xa = torch.empty((n, ca, hh, ww), device=ya.device, dtype=torch.float32)
-    xa = torch.empty_like(grad_xa) if return_input else grad_xa  # placeholder pointer when not written
+    grad_xa = _output("out_grad_xa", out_grad_xa, ya)
+    xa = _output("out_xa", out_xa, ya) if return_input else grad_xa  # placeholder pointer when not written
     grad_h = torch.empty((n, 2 * ca, hh, ww), device=ya.device, dtype=torch.float32)
     block = min(_BLOCK, max(16, triton.next_power_of_2(numel)))
     _coupling_affine_bwd_kernel[(triton.cdiv(numel, block), n)](
         ya, h, grad_ya, grad_logdet, xa, grad_xa, grad_h, numel, ya.stride(0), h.stride(0), grad_ya.stride(0),
-        BLOCK=block, WRITE_XA=return_input, num_warps=4,
+        xa.stride(0), grad_xa.stride(0), BLOCK=block, WRITE_XA=return_input, num_warps=4,
     )
     return xa if return_input else None, grad_xa, grad_h

@@ -168,8 +168,22 @@ def test_channel_slices_in_and_out(device):
     for a, b in zip(got, expected):
         assert_close_normwise(a, b)
 
+    # the reversible backward writes xa and dL/dxa into the transformed halves of full-size tensors
+    x_rebuilt = torch.full_like(x, float("nan"))
+    grad_x = torch.full_like(x, float("nan"))
+    xa_out, grad_xa_out, grad_h = coupling_affine_reversible_backward_launch(
+        y[:, ca:], h, grad_y[:, ca:], torch.ones(n, device=device), out_xa=x_rebuilt[:, ca:],
+        out_grad_xa=grad_x[:, ca:])
+    assert xa_out.data_ptr() == x_rebuilt[:, ca:].data_ptr() and grad_xa_out.data_ptr() == grad_x[:, ca:].data_ptr()
+    for a, b in zip((x_rebuilt[:, ca:], grad_x[:, ca:], grad_h), expected):
+        assert_close_normwise(a, b)
+    assert torch.isnan(x_rebuilt[:, :ca]).all() and torch.isnan(grad_x[:, :ca]).all()  # other half untouched
+
     with pytest.raises(ValueError, match="out"):
         coupling_affine_forward_launch(xa, h, out=torch.empty(n, ca, ww, hh, device=device).transpose(2, 3))
+    with pytest.raises(ValueError, match="out_xa"):
+        coupling_affine_reversible_backward_launch(y[:, ca:], h, grad_y[:, ca:], torch.ones(n, device=device),
+                                                   out_xa=torch.empty(n, ca + 1, hh, ww, device=device))
 
 
 def test_extreme_raw_values_stay_finite(device):

@@ -103,11 +103,26 @@ class Coupling(InvertibleModule):
         xb = yb.detach().requires_grad_(True)
         with torch.enable_grad():
             h = self.nn(xb)
+        backend = resolve_backend(self.kernels, y)
+        # On the Triton path the kernel writes xa and dL/dxa straight into the rebuilt input and its gradient,
+        # in place of two torch.cat.
+        in_place = backend == "triton" and self.kind == "affine"
         with flow_autocast_off(y):
-            xa, grad_xa, grad_h = self._rev(ya, h.detach(), grad_ya, grad_logdet, resolve_backend(self.kernels, y))
+            if in_place:
+                x = torch.empty_like(y, memory_format=torch.contiguous_format)
+                grad_x = torch.empty_like(x)
+                x[:, :self.channels_b].copy_(yb)
+                _, _, grad_h = self._rev(ya, h.detach(), grad_ya, grad_logdet, backend,
+                                         out_xa=x[:, self.channels_b:], out_grad_xa=grad_x[:, self.channels_b:])
+            else:
+                xa, grad_xa, grad_h = self._rev(ya, h.detach(), grad_ya, grad_logdet, backend)
         params = [p for p in self.nn.parameters() if p.requires_grad]
         grads = torch.autograd.grad(h, [xb] + params, grad_h.to(h.dtype), allow_unused=True)
-        grad_xb = grad_yb + grads[0].to(grad_yb.dtype)
+        param_grads = {p: g for p, g in zip(params, grads[1:]) if g is not None}
+        grad_xb = grads[0].to(grad_yb.dtype)
+        if in_place:
+            torch.add(grad_yb, grad_xb, out=grad_x[:, :self.channels_b])
+            return x, grad_x, param_grads
         x = torch.cat([yb.detach(), xa], dim=1)
-        grad_x = torch.cat([grad_xb, grad_xa], dim=1)
-        return x, grad_x, {p: g for p, g in zip(params, grads[1:]) if g is not None}
+        grad_x = torch.cat([grad_yb + grad_xb, grad_xa], dim=1)
+        return x, grad_x, param_grads

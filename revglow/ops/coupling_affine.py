@@ -77,10 +77,13 @@ def coupling_affine_inverse(ya, h, backend: str = "torch", out=None):
     return coupling_affine_inverse_reference(ya, h)
 
 
-def coupling_affine_reversible_backward(ya, h, grad_ya, grad_logdet, backend: str = "torch"):
-    if backend == "triton":
+def coupling_affine_reversible_backward(ya, h, grad_ya, grad_logdet, backend: str = "torch", out_xa=None,
+                                        out_grad_xa=None):
+    """(xa, dL/dxa, dL/dh). With `out_xa` / `out_grad_xa` (Triton only) xa and dL/dxa are written into them."""
+    if backend == "triton" or out_xa is not None or out_grad_xa is not None:
         from revglow.kernels.coupling_affine import coupling_affine_reversible_backward_launch
-        return coupling_affine_reversible_backward_launch(ya, h, grad_ya, grad_logdet)
+        return coupling_affine_reversible_backward_launch(ya, h, grad_ya, grad_logdet, out_xa=out_xa,
+                                                          out_grad_xa=out_grad_xa)
     return coupling_affine_reversible_backward_reference(ya, h, grad_ya, grad_logdet)
 
 
