@@ -241,6 +241,13 @@ def _load_for_generation(args: argparse.Namespace):
     return state, model, device, labels
 
 
+def _require_at_least(args: argparse.Namespace, name: str, minimum, why: str = "") -> None:
+    """A one-line error naming the flag when args.<name> is below `minimum`."""
+    value = getattr(args, name)
+    if value < minimum:
+        raise CommandError(f"--{name.replace('_', '-')} must be >= {minimum}{why}; got {value}")
+
+
 def _label_tensor(label: Optional[int], n: int, device) -> Optional[torch.Tensor]:
     return None if label is None else torch.full((n,), label, dtype=torch.long, device=device)
 
@@ -248,10 +255,8 @@ def _label_tensor(label: Optional[int], n: int, device) -> Optional[torch.Tensor
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_bits_per_dim, standard_error
 
-    if args.draws < 1:
-        raise CommandError(f"--draws must be >= 1; got {args.draws}")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
+    _require_at_least(args, "draws", 1)
+    _require_at_least(args, "batch_size", 1)
     state, model, device, _ = _load_for_generation(args)
     trained = state.get("train_config", {})
     name = args.data or trained.get("data", "digits")
@@ -273,10 +278,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .images import save_grid
 
-    if args.n < 1:
-        raise CommandError(f"--n must be >= 1; got {args.n}")
-    if args.temperature < 0:
-        raise CommandError(f"--temperature must be >= 0; got {args.temperature}")
+    _require_at_least(args, "n", 1)
+    _require_at_least(args, "temperature", 0)
     _, model, device, label = _load_for_generation(args)
     labels = _label_tensor(label, args.n, device)
     if labels is None and model.config.num_classes > 0:
@@ -303,8 +306,7 @@ def _encode_images(model, images: torch.Tensor, label: Optional[int]) -> List[to
 def _cmd_interpolate(args: argparse.Namespace) -> int:
     from .images import save_grid
 
-    if args.steps < 2:
-        raise CommandError(f"--steps must be >= 2 (both ends are included); got {args.steps}")
+    _require_at_least(args, "steps", 2, " (both ends are included)")
     _, model, device, label = _load_for_generation(args)
     latents = _encode_images(model, _load_images(model, args.images, device), label)
     weights = torch.linspace(0.0, 1.0, args.steps, device=device)
@@ -362,8 +364,7 @@ def _cmd_manipulate(args: argparse.Namespace) -> int:
         raise CommandError(f"--alphas must be comma-separated numbers, e.g. -1,-0.5,0,0.5,1; got {args.alphas!r}")
     if not alphas:
         raise CommandError("--alphas is empty")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
+    _require_at_least(args, "batch_size", 1)
     positive, negative = _read_attribute_csv(Path(args.labels), args.attribute)
     _, model, device, label = _load_for_generation(args)
     with_attr = _mean_latent(model, positive, args.batch_size, device, label)

@@ -493,14 +493,14 @@ class Trainer:
         record = {"step": self.step + 1, "epoch": self.position.epoch,
                   "bpd": value if math.isfinite(value) else None, "lr": lr}
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not math.isfinite(value):
             record["skipped"] = "loss"
             return record
         loss.backward()
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        record["grad_norm"] = float(grad_norm) if torch.isfinite(grad_norm) else None
-        if not torch.isfinite(grad_norm):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))  # one device sync
+        record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else None
+        if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             record["skipped"] = "gradient"
             return record
