@@ -58,6 +58,7 @@ class GlowConfig:
     n_bits: int = 8                    # images are reduced to this many bits per channel
     learn_top: bool = True             # learned (zero-initialized) top prior instead of N(0, I)
     num_classes: int = 0               # > 0: class-conditional top prior
+    context_channels: int = 0          # > 0: conditioned on a context map [N, this, H', W'] given to every call
     memory: str = "reversible"         # "reversible" | "checkpoint" | "autograd"
     kernels: str = "auto"              # "auto" | "torch" | "triton"
     # Reconstruction check of the reversible engine: at the start of each level the rebuilt input is
@@ -82,6 +83,7 @@ class GlowConfig:
         if self.n_bits > 8:
             raise ValueError(f"GlowConfig.n_bits must be between 1 and 8; got {self.n_bits}")
         _check_int("num_classes", self.num_classes, 0)
+        _check_int("context_channels", self.context_channels, 0)
         if not isinstance(self.learn_top, bool):
             raise TypeError(f"GlowConfig.learn_top must be a bool; got {type(self.learn_top).__name__}")
         factor = 2 ** self.levels

@@ -9,6 +9,7 @@ import math
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from revglow.config import GlowConfig
@@ -47,12 +48,15 @@ class Glow(nn.Module):
         self.flows = nn.ModuleList()
         self.splits = nn.ModuleList()
         self.latent_shapes = []
+        self.level_sizes = []   # (H, W) at which each level's steps run (the context is resized to it)
         seed = 0
         for level in range(config.levels):
             c, h, w = 4 * c, h // 2, w // 2
+            self.level_sizes.append((h, w))
             steps = []
             for _ in range(config.depth):
-                steps.append(FlowStep(c, config.hidden, config.coupling, config.permutation, config.kernels, seed))
+                steps.append(FlowStep(c, config.hidden, config.coupling, config.permutation, config.kernels, seed,
+                                      context_channels=config.context_channels))
                 seed += 1
             self.flows.append(ReversibleSequence(steps, config.memory, config.check_reconstruction,
                                                  config.reconstruction_tol))
@@ -63,6 +67,7 @@ class Glow(nn.Module):
                 c = split.kept
         self.latent_shapes.append((c, h, w))
         self.top_prior = TopPrior((c, h, w), config.learn_top, config.num_classes)
+        self._actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]   # a plain list: not submodules
 
     # ----------------------------------------------------------------------------------------- checks
     @property
@@ -71,7 +76,7 @@ class Glow(nn.Module):
 
     @property
     def is_initialized(self) -> bool:
-        return all(m.is_initialized for m in self.modules() if isinstance(m, ActNorm))
+        return all(m.is_initialized for m in self._actnorms)
 
     def _require_initialized(self, what: str) -> None:
         if not self.is_initialized:
@@ -131,6 +136,42 @@ class Glow(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return y.long()
 
+    def _check_context(self, context, n: int, what: str):
+        k = self.config.context_channels
+        if k == 0:
+            if context is not None:
+                raise ValueError(f"Glow.{what}: a context was given to a model without conditioning "
+                                 f"(GlowConfig.context_channels=0)")
+            return None
+        if context is None:
+            raise ValueError(f"Glow.{what}: this model is conditioned on a context map (context_channels={k}); "
+                             f"pass context=[N, {k}, H, W]")
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"Glow.{what}: context must be a torch.Tensor; got {type(context).__name__}")
+        if not context.is_floating_point():
+            raise TypeError(f"Glow.{what}: context must be a floating-point tensor; got dtype {context.dtype}")
+        if context.dim() != 4 or context.shape[0] != n or context.shape[1] != k:
+            raise ValueError(f"Glow.{what}: context must have shape [{n}, {k}, H, W]; got {tuple(context.shape)}")
+        return context
+
+    def _level_contexts(self, context) -> List[Optional[torch.Tensor]]:
+        """The context resized to each level's spatial size: area average when shrinking, bilinear when growing."""
+        if context is None:
+            return [None] * len(self.flows)
+        context = context.to(self._param_dtype())
+        out = []
+        for h, w in self.level_sizes:
+            if context.shape[2] >= h and context.shape[3] >= w:
+                out.append(F.adaptive_avg_pool2d(context, (h, w)))
+            else:
+                out.append(F.interpolate(context, size=(h, w), mode="bilinear", align_corners=False))
+        return out
+
+    def reconstruction_errors(self) -> List[Optional[torch.Tensor]]:
+        """Per level, the per-sample relative error of the input the last reversible backward rebuilt ([N], on
+        the device; None before the first reversible backward or with check_reconstruction='off')."""
+        return [flow.last_reconstruction_error for flow in self.flows]
+
     # ------------------------------------------------------------------------------------ data <-> xc
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Images (uint8 0..255, or float in [0, 1] read as 8-bit values) -> integers 0..2**n_bits - 1, as float."""
@@ -157,13 +198,13 @@ class Glow(nn.Module):
         return xq / (self.n_bins - 1)
 
     # --------------------------------------------------------------------------------- the bijection
-    def _encode(self, xc: torch.Tensor, y):
+    def _encode(self, xc: torch.Tensor, y, context=None):
         logdet = torch.zeros(xc.shape[0], dtype=xc.dtype, device=xc.device)
         latents: List[torch.Tensor] = []
         h = xc
-        for level, flow in enumerate(self.flows):
+        for level, (flow, level_context) in enumerate(zip(self.flows, self._level_contexts(context))):
             h = squeeze2d(h)
-            h, ld = flow(h)
+            h, ld = flow(h, level_context)
             logdet = logdet + ld
             if level < len(self.splits):
                 h, eps, ld = self.splits[level](h)
@@ -173,14 +214,15 @@ class Glow(nn.Module):
         latents.append(eps)
         return latents, logdet + ld
 
-    def encode(self, xc: torch.Tensor, y=None) -> List[torch.Tensor]:
+    def encode(self, xc: torch.Tensor, y=None, context=None) -> List[torch.Tensor]:
         """Preprocessed images -> one standard-normal latent per level (split priors' standardization included)."""
         self._check_preprocessed(xc, "encode")
         y = self._check_labels(y, xc.shape[0], "encode")
+        context = self._check_context(context, xc.shape[0], "encode")
         self._require_initialized("encode")
-        return self._encode(xc, y)[0]
+        return self._encode(xc, y, context)[0]
 
-    def decode(self, latents: List[torch.Tensor], y=None) -> torch.Tensor:
+    def decode(self, latents: List[torch.Tensor], y=None, context=None) -> torch.Tensor:
         """Exact inverse of encode: latents -> preprocessed images in [-0.5, 0.5] (up to the model's fit)."""
         self._require_initialized("decode")
         if not isinstance(latents, (list, tuple)) or len(latents) != len(self.latent_shapes):
@@ -192,62 +234,69 @@ class Glow(nn.Module):
                 raise ValueError(f"Glow.decode: latent {i} must have shape [N, {shape[0]}, {shape[1]}, {shape[2]}]; "
                                  f"got {got}")
         y = self._check_labels(y, n, "decode")
+        contexts = self._level_contexts(self._check_context(context, n, "decode"))
         h, _ = self.top_prior.inverse(latents[-1], y)
         for level in reversed(range(len(self.flows))):
             if level < len(self.splits):
                 h, _ = self.splits[level].inverse(h, latents[level])
-            h, _ = self.flows[level].inverse(h)
+            h, _ = self.flows[level].inverse(h, contexts[level])
             h = unsqueeze2d(h)
         return h
 
-    def log_prob(self, xc: torch.Tensor, y=None) -> torch.Tensor:
+    def log_prob(self, xc: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Per-sample log density of preprocessed images in nats: sum log N(eps; 0, I) + log|det d eps / d xc|."""
         self._check_preprocessed(xc, "log_prob")
         y = self._check_labels(y, xc.shape[0], "log_prob")
+        context = self._check_context(context, xc.shape[0], "log_prob")
         self._require_initialized("log_prob")
-        return self._log_prob(xc, y)
+        return self._log_prob(xc, y, context)
 
-    def _log_prob(self, xc: torch.Tensor, y) -> torch.Tensor:
-        latents, logdet = self._encode(xc, y)
+    def _log_prob(self, xc: torch.Tensor, y, context=None) -> torch.Tensor:
+        latents, logdet = self._encode(xc, y, context)
         return sum(_standard_normal_log_prob(eps) for eps in latents) + logdet
 
-    def bits_per_dim(self, xc: torch.Tensor, y=None) -> torch.Tensor:
+    def bits_per_dim(self, xc: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Per-sample bits/dim of the discrete n-bit images that xc dequantizes.
 
         The density of xc on [-0.5, 0.5]^D is over bins of width 1/n_bins, so the discrete log-likelihood
         bound is log p(xc) - D log(n_bins): bits/dim = -(log p(xc) - D log n_bins) / (D log 2).
         """
-        return self._bits_per_dim(self.log_prob(xc, y))
+        return self._bits_per_dim(self.log_prob(xc, y, context))
 
     def _bits_per_dim(self, log_prob: torch.Tensor) -> torch.Tensor:
         d = self.config.num_dims
         return -(log_prob - d * math.log(self.n_bins)) / (d * math.log(2.0))
 
-    def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1])."""
         self._check_raw_images(x, "forward")
         y = self._check_labels(y, x.shape[0], "forward")
+        context = self._check_context(context, x.shape[0], "forward")
         if not self.is_initialized:
-            self._initialize(x, y)
+            self._initialize(x, y, context)
         # x and y were checked above: no second pass over the data for the same checks
-        return self._bits_per_dim(self._log_prob(self._dequantize(x), y))
+        return self._bits_per_dim(self._log_prob(self._dequantize(x), y, context))
 
     @torch.no_grad()
-    def initialize(self, x: torch.Tensor, y=None) -> None:
-        """Data-dependent initialization of every ActNorm on a batch of images (paper, section 3.1)."""
+    def initialize(self, x: torch.Tensor, y=None, context=None) -> None:
+        """Data-dependent initialization of every ActNorm on a batch of images (paper, section 3.1). Inside an
+        initialized torch.distributed process group, call it on every rank with its shard: the statistics are
+        those of all shards together, so every rank ends with the same parameters."""
         self._check_raw_images(x, "initialize")
-        self._initialize(x, self._check_labels(y, x.shape[0], "initialize"))
+        self._initialize(x, self._check_labels(y, x.shape[0], "initialize"),
+                         self._check_context(context, x.shape[0], "initialize"))
 
     @torch.no_grad()
-    def _initialize(self, x: torch.Tensor, y) -> None:
-        for m in self.modules():
-            if isinstance(m, ActNorm):
-                m.initialized.fill_(False)
-        self._encode(self._dequantize(x), y)
+    def _initialize(self, x: torch.Tensor, y, context=None) -> None:
+        for m in self._actnorms:
+            m.reset_initialization()
+        self._encode(self._dequantize(x), y, context)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, y=None, generator: Optional[torch.Generator] = None):
-        """n images as floats in [0, 1], with latents drawn from N(0, temperature^2 I) (paper, section 5)."""
+    def sample(self, n: int, temperature: float = 1.0, y=None, generator: Optional[torch.Generator] = None,
+               context=None):
+        """n images as floats in [0, 1], with latents drawn from N(0, temperature^2 I) (paper, section 5); a
+        conditional model takes the n conditioning maps as `context`."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"Glow.sample: n must be a positive int; got {n!r}")
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -258,4 +307,4 @@ class Glow(nn.Module):
                    for s in self.latent_shapes]
         if y is not None and not isinstance(y, torch.Tensor):
             y = torch.full((n,), int(y), dtype=torch.long, device=ref.device)
-        return self.postprocess(self.decode(latents, y))
+        return self.postprocess(self.decode(latents, y, context))

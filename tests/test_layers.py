@@ -134,15 +134,26 @@ def test_uninitialized_actnorm_inverse_says_so():
         ActNorm(3).inverse(torch.randn(1, 3, 2, 2))
 
 
-def test_invconv_inverse_is_cached_per_parameter_update():
-    layer = InvConv1x1LU(4)
-    first = layer.weight_inverse()
-    assert layer.weight_inverse() is first
+@pytest.mark.parametrize("cls", [InvConv1x1, InvConv1x1LU])
+def test_invconv_inverse_follows_every_kind_of_parameter_change(cls):
+    """W^-1 is never stale: in-place edits through .data (which bypass version counters), optimizer-style
+    updates under no_grad, and load_state_dict are all seen by the next weight_inverse()."""
+    layer = cls(4).double()
+
+    def inverse_is_exact():
+        return torch.allclose(layer.weight_inverse() @ layer.weight_matrix().detach(), torch.eye(4, dtype=torch.float64),
+                              atol=1e-12)
+
+    assert inverse_is_exact()
+    for p in layer.parameters():
+        p.data.mul_(1.1)
+    assert inverse_is_exact()
     with torch.no_grad():
-        layer.log_s.add_(0.1)
-    second = layer.weight_inverse()
-    assert second is not first
-    assert torch.allclose(second @ layer.weight_matrix(), torch.eye(4), atol=1e-12)
+        next(layer.parameters()).add_(0.05)
+    assert inverse_is_exact()
+    other = perturb_(cls(4).double(), std=0.2, seed=3)
+    layer.load_state_dict(other.state_dict())
+    assert inverse_is_exact()
 
 
 def test_squeeze_round_trip_and_layout():

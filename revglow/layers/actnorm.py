@@ -2,24 +2,39 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from revglow.layers.base import InvertibleModule
 
-__all__ = ["ActNorm"]
+__all__ = ["ActNorm", "DegenerateInitError"]
+
+
+class DegenerateInitError(ValueError):
+    """Data-dependent init saw a batch that cannot set a scale: one value per channel, or zero variance."""
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the processes of an initialized torch.distributed group (identity without one), so that every
+    rank initializes from the statistics of the whole global batch."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 class ActNorm(InvertibleModule):
     """y = exp(log_scale) * x + bias, per channel; logdet = H * W * sum(log_scale).
 
     On its first forward (or on `initialize_from(x)`) the scale and bias are set so that the output has zero
-    mean and unit variance per channel on that batch. Whether that has happened is the buffer `initialized`,
-    which lives in the state_dict, so a loaded model never re-initializes.
+    mean and unit variance per channel on that batch; inside an initialized torch.distributed process group the
+    statistics are those of the batches of all ranks together. Whether that has happened is the buffer
+    `initialized`, which lives in the state_dict, so a loaded model never re-initializes; a Python copy of it
+    (`is_initialized`) is what the forward reads, so a training step never waits on the device for it.
 
     Example:
         >>> layer = ActNorm(3)
         >>> y, logdet = layer(torch.randn(4, 3, 5, 5) * 2 + 1)
-        >>> bool(layer.initialized)
+        >>> layer.is_initialized
         True
     """
 
@@ -30,21 +45,52 @@ class ActNorm(InvertibleModule):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._is_initialized = False
 
     @property
     def is_initialized(self) -> bool:
-        return bool(self.initialized)
+        # True is final (kept in step with the buffer by initialize_from and state_dict loading). While False,
+        # the buffer is asked: DDP may have broadcast rank 0's initialized buffer into this module.
+        if not self._is_initialized and bool(self.initialized):
+            self._is_initialized = True
+        return self._is_initialized
+
+    def reset_initialization(self) -> None:
+        """Forget the data-dependent init: the next forward (or initialize_from) sets scale and bias again."""
+        self.initialized.fill_(False)
+        self._is_initialized = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._is_initialized = bool(self.initialized)
 
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> None:
-        """Data-dependent init: zero mean, unit variance per channel of the output on this batch."""
+        """Data-dependent init: zero mean, unit variance per channel of the output on this batch (all ranks')."""
         x = x.detach().to(torch.float64)
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3), unbiased=False)
+        stats = torch.stack([x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3)),
+                             torch.full((x.shape[1],), x.shape[0] * x.shape[2] * x.shape[3], dtype=x.dtype,
+                                        device=x.device)])
+        total, total_sq, count = _all_reduce_sum(stats)
+        mean = total / count
+        std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+        n = int(count[0])
+        if n < 2:
+            raise DegenerateInitError(
+                f"ActNorm({self.channels}) data-dependent init saw one value per channel (batch of {x.shape[0]} at "
+                f"{x.shape[2]}x{x.shape[3]}): it cannot set a scale from that. Initialize on a larger batch "
+                f"(model.initialize(x) with more images; on the command line, --init-batch-size)")
+        flat = std <= 1e-6
+        if bool(flat.any()):
+            raise DegenerateInitError(
+                f"ActNorm({self.channels}) data-dependent init saw zero variance in channel(s) "
+                f"{flat.nonzero().flatten().tolist()[:8]} over {n} values: its scale would be 1/eps. Initialize on "
+                f"a larger or more varied batch (model.initialize(x); on the command line, --init-batch-size)")
         log_scale = -torch.log(std + self.eps)
         self.log_scale.copy_(log_scale.to(self.log_scale.dtype))
         self.bias.copy_((-mean * torch.exp(log_scale)).to(self.bias.dtype))
         self.initialized.fill_(True)
+        self._is_initialized = True
 
     def scale(self) -> torch.Tensor:
         return torch.exp(self.log_scale)

@@ -49,10 +49,13 @@ class CouplingNetwork(nn.Module):
 class Coupling(InvertibleModule):
     """Affine (`kind="affine"`) or additive (`kind="additive"`) coupling over `channels` channels.
 
-    `kernels` ("auto" | "torch" | "triton") picks the implementation of the elementwise part.
+    With `context_channels > 0` the coupling network sees the conditioning map concatenated to the untouched
+    half: h = NN(cat(xb, context)); forward/inverse/inverse_vjp then take the context as their last argument.
+    `kernels` ("auto" | "torch" | "triton") picks the implementation of the elementwise part (revglow.ops).
     """
 
-    def __init__(self, channels: int, hidden: int, kind: str = "affine", kernels: str = "auto"):
+    def __init__(self, channels: int, hidden: int, kind: str = "affine", kernels: str = "auto",
+                 context_channels: int = 0):
         super().__init__()
         if channels < 2:
             raise ValueError(f"a coupling layer needs at least 2 channels; got {channels}")
@@ -60,69 +63,46 @@ class Coupling(InvertibleModule):
             raise ValueError(f"unknown coupling {kind!r}; choose 'affine' or 'additive'")
         self.kind = kind
         self.kernels = kernels
+        self.context_channels = context_channels
         self.channels_b = channels // 2
         self.channels_a = channels - self.channels_b
         out = 2 * self.channels_a if kind == "affine" else self.channels_a
-        self.nn = CouplingNetwork(self.channels_b, out, hidden)
-        if kind == "affine":
-            self._fwd, self._inv, self._rev = (ops.coupling_affine, ops.coupling_affine_inverse,
-                                               ops.coupling_affine_reversible_backward)
-        else:
-            self._fwd, self._inv, self._rev = (ops.coupling_additive, ops.coupling_additive_inverse,
-                                               ops.coupling_additive_reversible_backward)
+        self.nn = CouplingNetwork(self.channels_b + context_channels, out, hidden)
 
-    def _split(self, x):
-        return x[:, :self.channels_b], x[:, self.channels_b:]
+    def _network_input(self, xb, context):
+        if (context is None) != (self.context_channels == 0):
+            raise ValueError(f"Coupling with context_channels={self.context_channels} was called "
+                             f"{'without' if context is None else 'with'} a context")
+        return xb if context is None else torch.cat([xb, context.to(xb.dtype)], dim=1)
 
-    def _couple(self, x, transform):
-        """cat(xb, transform(xa, h)) with h = NN(xb). Outside autograd the Triton kernel writes the transformed
-        half straight into the output, in place of a torch.cat (one read and one write of it fewer)."""
-        xb, xa = self._split(x)
-        h = self.nn(xb)
-        backend = resolve_backend(self.kernels, x)
+    def _couple(self, x, context, inverse: bool):
+        h = self.nn(self._network_input(x[:, :self.channels_b], context))
         with flow_autocast_off(x):
-            builds_graph = torch.is_grad_enabled() and (x.requires_grad or h.requires_grad)
-            if backend == "triton" and self.kind == "affine" and not builds_graph:
-                out = torch.empty_like(x, memory_format=torch.contiguous_format)
-                out[:, :self.channels_b].copy_(xb)
-                _, logdet = transform(xa, h, backend, out=out[:, self.channels_b:])
-                return out, logdet
-            za, logdet = transform(xa, h, backend)
-            return torch.cat([xb, za], dim=1), logdet
+            return ops.couple(x, h, self.channels_b, self.kind, resolve_backend(self.kernels, x), inverse=inverse)
 
-    def forward(self, x):
-        return self._couple(x, self._fwd)
+    def forward(self, x, context=None):
+        return self._couple(x, context, inverse=False)
 
-    def inverse(self, y):
-        return self._couple(y, self._inv)
+    def inverse(self, y, context=None):
+        return self._couple(y, context, inverse=True)
 
-    def inverse_vjp(self, y, grad_y, grad_logdet):
+    def inverse_vjp(self, y, grad_y, grad_logdet, context=None):
         # The network output used to invert the step is the one differentiated through: NN runs once.
-        yb, ya = self._split(y)
-        grad_yb, grad_ya = self._split(grad_y)
-        xb = yb.detach().requires_grad_(True)
+        xb = y[:, :self.channels_b].detach().requires_grad_(True)
         with torch.enable_grad():
-            h = self.nn(xb)
-        backend = resolve_backend(self.kernels, y)
-        # On the Triton path the kernel writes xa and dL/dxa straight into the rebuilt input and its gradient,
-        # in place of two torch.cat.
-        in_place = backend == "triton" and self.kind == "affine"
+            h = self.nn(self._network_input(xb, context))
         with flow_autocast_off(y):
-            if in_place:
-                x = torch.empty_like(y, memory_format=torch.contiguous_format)
-                grad_x = torch.empty_like(x)
-                x[:, :self.channels_b].copy_(yb)
-                _, _, grad_h = self._rev(ya, h.detach(), grad_ya, grad_logdet, backend,
-                                         out_xa=x[:, self.channels_b:], out_grad_xa=grad_x[:, self.channels_b:])
-            else:
-                xa, grad_xa, grad_h = self._rev(ya, h.detach(), grad_ya, grad_logdet, backend)
+            x, grad_x, grad_h = ops.couple_reversible_backward(y, h.detach(), grad_y, grad_logdet, self.channels_b,
+                                                               self.kind, resolve_backend(self.kernels, y))
         params = [p for p in self.nn.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(h, [xb] + params, grad_h.to(h.dtype), allow_unused=True)
-        param_grads = {p: g for p, g in zip(params, grads[1:]) if g is not None}
-        grad_xb = grads[0].to(grad_yb.dtype)
-        if in_place:
-            torch.add(grad_yb, grad_xb, out=grad_x[:, :self.channels_b])
+        wants_context = context is not None and context.requires_grad
+        inputs = [xb] + ([context] if wants_context else []) + params
+        grads = list(torch.autograd.grad(h, inputs, grad_h.to(h.dtype), allow_unused=True))
+        grad_xb = grads.pop(0)
+        grad_context = grads.pop(0) if wants_context else None
+        if grad_xb is not None:
+            grad_x[:, :self.channels_b] += grad_xb.to(grad_x.dtype)
+        param_grads = {p: g for p, g in zip(params, grads) if g is not None}
+        if context is None:
             return x, grad_x, param_grads
-        x = torch.cat([yb.detach(), xa], dim=1)
-        grad_x = torch.cat([grad_yb + grad_xb, grad_xa], dim=1)
-        return x, grad_x, param_grads
+        return x, grad_x, param_grads, grad_context

@@ -5,6 +5,8 @@ flow tensor is read and written once for both, forward, inverse and in the rever
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from revglow.layers.actnorm import ActNorm
@@ -20,6 +22,9 @@ __all__ = ["FlowStep"]
 class FlowStep(InvertibleModule):
     """ActNorm -> channel mixing (`permutation`) -> coupling (`coupling`), on `channels` channels.
 
+    With `context_channels > 0` the coupling network also sees a conditioning map of that many channels at the
+    step's spatial size: step(x, context), step.inverse(y, context).
+
     Example:
         >>> step = FlowStep(4, hidden=8)
         >>> x = torch.randn(2, 4, 3, 3)
@@ -29,50 +34,56 @@ class FlowStep(InvertibleModule):
     """
 
     def __init__(self, channels: int, hidden: int, coupling: str = "affine", permutation: str = "invconv_lu",
-                 kernels: str = "auto", seed: int = 0):
+                 kernels: str = "auto", seed: int = 0, context_channels: int = 0):
         super().__init__()
         self.kernels = kernels
         self.actnorm = ActNorm(channels)
         self.mixing = make_channel_mixing(permutation, channels, seed)
-        self.coupling = Coupling(channels, hidden, coupling, kernels)
+        self.coupling = Coupling(channels, hidden, coupling, kernels, context_channels)
 
-    def _mixing_params(self, x):
-        s = self.actnorm.scale().to(x.dtype)
-        w = self.mixing.weight_matrix().to(x.dtype)
-        return s, self.actnorm.bias.to(x.dtype), w, self.mixing.weight_inverse().to(x.dtype)
+    def _scale_bias_weight(self, x):
+        return (self.actnorm.scale().to(x.dtype), self.actnorm.bias.to(x.dtype),
+                self.mixing.weight_matrix().to(x.dtype))
+
+    def _mixing_logdet_per_pixel(self):
+        return self.actnorm.logdet_per_pixel() + self.mixing.logdet_per_pixel()
 
     def _mixing_logdet(self, x):
-        per_pixel = self.actnorm.logdet_per_pixel() + self.mixing.logdet_per_pixel()
-        return (per_pixel * (x.shape[2] * x.shape[3])).to(x.dtype).expand(x.shape[0])
+        return (self._mixing_logdet_per_pixel() * (x.shape[2] * x.shape[3])).to(x.dtype).expand(x.shape[0])
 
-    def forward(self, x):
+    def forward(self, x, context: Optional[torch.Tensor] = None):
         with flow_autocast_off(x):
             if not self.actnorm.is_initialized:
                 self.actnorm.initialize_from(x)
-            s, b, w, w_inv = self._mixing_params(x)
-            z = ops.actnorm_conv1x1(x, s, b, w, w_inv, resolve_backend(self.kernels, x))
+            s, b, w = self._scale_bias_weight(x)
+            z = ops.actnorm_conv1x1(x, s, b, w, backend=resolve_backend(self.kernels, x))
             logdet = self._mixing_logdet(x)
-        y, logdet_coupling = self.coupling(z)
+        y, logdet_coupling = self.coupling(z, context)
         return y, logdet + logdet_coupling
 
-    def inverse(self, y):
+    def inverse(self, y, context: Optional[torch.Tensor] = None):
         if not self.actnorm.is_initialized:
             raise RuntimeError("FlowStep is not initialized: run a forward pass on data (or Glow.initialize) first")
-        z, logdet_coupling = self.coupling.inverse(y)
+        z, logdet_coupling = self.coupling.inverse(y, context)
         with flow_autocast_off(y):
-            s, b, _, w_inv = self._mixing_params(y)
+            s, b, _ = self._scale_bias_weight(y)
+            w_inv = self.mixing.weight_inverse().to(y.dtype)
             x = ops.actnorm_conv1x1_inverse(z, s, b, w_inv, resolve_backend(self.kernels, y))
             return x, self._mixing_logdet(y) + logdet_coupling
 
-    def inverse_vjp(self, y, grad_y, grad_logdet):
-        z, grad_z, param_grads = self.coupling.inverse_vjp(y, grad_y, grad_logdet)
+    def inverse_vjp(self, y, grad_y, grad_logdet, context: Optional[torch.Tensor] = None):
+        out = self.coupling.inverse_vjp(y, grad_y, grad_logdet, context)
+        z, grad_z, param_grads = out[:3]
         with flow_autocast_off(y), torch.enable_grad():
-            s, b, w, w_inv = self._mixing_params(y)
+            s, b, w = self._scale_bias_weight(y)
+            w_inv = self.mixing.weight_inverse().to(y.dtype)
             x, grad_x, grad_s, grad_b, grad_w = ops.actnorm_conv1x1_reversible_backward(
                 z, grad_z, s.detach(), b.detach(), w.detach(), w_inv, resolve_backend(self.kernels, y))
             # The log-determinant depends on the parameters only: differentiate its small graph directly.
-            per_pixel = self.actnorm.logdet_per_pixel() + self.mixing.logdet_per_pixel()
+            per_pixel = self._mixing_logdet_per_pixel()
             grad_per_pixel = (grad_logdet.sum() * (y.shape[2] * y.shape[3])).to(per_pixel.dtype)
             params = list(self.actnorm.parameters()) + list(self.mixing.parameters())
             param_grads.update(grads_for([s, b, w, per_pixel], [grad_s, grad_b, grad_w, grad_per_pixel], params))
-        return x, grad_x, param_grads
+        if context is None:
+            return x, grad_x, param_grads
+        return x, grad_x, param_grads, out[3]

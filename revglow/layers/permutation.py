@@ -3,8 +3,10 @@ permutations (`reverse`, `shuffle`). Each exposes its C x C matrix so a fused Ac
 
 Every class offers:
     weight_matrix()     W, differentiable w.r.t. the parameters
-    weight_inverse()    W^-1 as a constant, computed in float64 once per parameter update (cached on the
-                        parameters' version counters, so the reversible backward does not re-invert per call)
+    weight_inverse()    W^-1 as a constant, inverted in float64 from the current parameters on every call. It is
+                        needed only by the inverse and the reversible backward (once per step and training step:
+                        under 1% of a step, see benchmarks/step_time.py), and a cache could go stale through
+                        `.data` edits or carry an inference-mode tensor into training
     logdet_per_pixel()  log|det W|, differentiable
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from revglow.layers.base import InvertibleModule
-from revglow.ops.actnorm_conv1x1 import channel_mix
+from revglow.ops.actnorm_conv1x1 import channel_mix, invert_weight
 
 __all__ = ["ChannelMixing", "InvConv1x1", "InvConv1x1LU", "FixedPermutation", "make_channel_mixing"]
 
@@ -26,27 +28,15 @@ def _random_rotation(channels: int, generator: torch.Generator | None = None) ->
 class ChannelMixing(InvertibleModule):
     """y[n, :, h, w] = W x[n, :, h, w]; logdet = H * W * log|det W|."""
 
-    def __init__(self):
-        super().__init__()
-        self._inverse_cache = None  # (key, W^-1)
-
     def weight_matrix(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def logdet_per_pixel(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _cache_key(self):
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in list(self.parameters()) + list(self.buffers()))
-
     def weight_inverse(self) -> torch.Tensor:
-        key = self._cache_key()
-        if self._inverse_cache is None or self._inverse_cache[0] != key:
-            with torch.no_grad():
-                w = self.weight_matrix()
-                inv = torch.linalg.inv(w.to(torch.float64)).to(w.dtype)
-            self._inverse_cache = (key, inv)
-        return self._inverse_cache[1]
+        with torch.no_grad():
+            return invert_weight(self.weight_matrix())
 
     def _logdet(self, x):
         return (self.logdet_per_pixel() * (x.shape[2] * x.shape[3])).to(x.dtype).expand(x.shape[0])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "channel_mix", "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
+    "channel_mix", "invert_weight", "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
     "actnorm_conv1x1_reversible_backward_reference",
     "actnorm_conv1x1", "actnorm_conv1x1_inverse", "actnorm_conv1x1_reversible_backward",
 ]
@@ -28,6 +28,12 @@ def channel_mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     A batched matmul over [N, C, H*W] views, no permute (about twice as fast as einsum on the CPU)."""
     n, c, h, w = x.shape
     return torch.matmul(weight, x.reshape(n, c, h * w)).view(n, weight.shape[0], h, w)
+
+
+def invert_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W^-1 computed in float64, in W's dtype. `inv_ex` does not check for singularity, so it never waits on the
+    device; a singular W gives non-finite entries, which show as a non-finite gradient of the training step."""
+    return torch.linalg.inv_ex(weight.detach().to(torch.float64))[0].to(weight.dtype)
 
 
 def _channel_outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,10 +62,13 @@ def actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight
     return x, grad_x, grad_scale, grad_bias, grad_weight
 
 
-def actnorm_conv1x1(x, scale, bias, weight, weight_inv, backend: str = "torch"):
-    """Differentiable forward (plain autograd on the torch path)."""
+def actnorm_conv1x1(x, scale, bias, weight, weight_inv=None, backend: str = "torch"):
+    """Differentiable forward (plain autograd on the torch path). The Triton path's backward rebuilds its input
+    with W^-1 (`weight_inv`; inverted from `weight` when not given, only when a graph is built)."""
     if backend == "triton":
         from revglow.ops._triton_functions import actnorm_conv1x1_triton
+        if weight_inv is None and torch.is_grad_enabled():
+            weight_inv = invert_weight(weight)
         return actnorm_conv1x1_triton(x, scale, bias, weight, weight_inv)
     return actnorm_conv1x1_reference(x, scale, bias, weight)
 

@@ -23,6 +23,7 @@ __all__ = [
     "coupling_affine_reversible_backward_reference",
     "coupling_affine", "coupling_affine_inverse", "coupling_affine_reversible_backward",
     "coupling_additive", "coupling_additive_inverse", "coupling_additive_reversible_backward",
+    "couple", "couple_reversible_backward",
 ]
 
 
@@ -99,3 +100,54 @@ def coupling_additive_inverse(ya, h, backend: str = "torch"):
 
 def coupling_additive_reversible_backward(ya, h, grad_ya, grad_logdet, backend: str = "torch"):
     return ya - h.to(ya.dtype), grad_ya, grad_ya
+
+
+# ---------------------------------------------------------------------- whole coupling (both halves)
+_TRANSFORMS = {
+    "affine": (coupling_affine, coupling_affine_inverse, coupling_affine_reversible_backward),
+    "additive": (coupling_additive, coupling_additive_inverse, coupling_additive_reversible_backward),
+}
+
+
+def _in_place(kind: str, backend: str) -> bool:
+    # Only the affine Triton kernels take `out=`; the additive transform is one eager add.
+    return backend == "triton" and kind == "affine"
+
+
+def couple(x, h, channels_b: int, kind: str = "affine", backend: str = "torch", inverse: bool = False):
+    """(cat(x_b, T(x_a; h)), logdet of T) with x_b = x[:, :channels_b], or T^-1 with `inverse=True`.
+
+    Outside autograd the Triton kernel writes the transformed half straight into the output, in place of a
+    torch.cat (one read and one write of it fewer)."""
+    forward, backward_map, _ = _TRANSFORMS[kind]
+    transform = backward_map if inverse else forward
+    xb, xa = x[:, :channels_b], x[:, channels_b:]
+    builds_graph = torch.is_grad_enabled() and (x.requires_grad or h.requires_grad)
+    if _in_place(kind, backend) and not builds_graph:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out[:, :channels_b].copy_(xb)
+        _, logdet = transform(xa, h, backend, out=out[:, channels_b:])
+        return out, logdet
+    za, logdet = transform(xa, h, backend)
+    return torch.cat([xb, za], dim=1), logdet
+
+
+def couple_reversible_backward(y, h, grad_y, grad_logdet, channels_b: int, kind: str = "affine",
+                               backend: str = "torch"):
+    """From y = couple(x, h), dL/dy and dL/dlogdet: (x, g, dL/dh), where g is dL/dx except for the path through h:
+    g[:, :channels_b] = dL/dy_b (the caller adds dL/dx_b through the network in place), g[:, channels_b:] = dL/dx_a.
+
+    On Triton the kernel writes x_a and dL/dx_a straight into x and g, in place of two torch.cat."""
+    _, _, reversible_backward = _TRANSFORMS[kind]
+    yb, ya = y[:, :channels_b], y[:, channels_b:]
+    grad_yb, grad_ya = grad_y[:, :channels_b], grad_y[:, channels_b:]
+    if _in_place(kind, backend):
+        x = torch.empty_like(y, memory_format=torch.contiguous_format)
+        grad_x = torch.empty_like(x)
+        x[:, :channels_b].copy_(yb)
+        grad_x[:, :channels_b].copy_(grad_yb)
+        _, _, grad_h = reversible_backward(ya, h, grad_ya, grad_logdet, backend, out_xa=x[:, channels_b:],
+                                           out_grad_xa=grad_x[:, channels_b:])
+        return x, grad_x, grad_h
+    xa, grad_xa, grad_h = reversible_backward(ya, h, grad_ya, grad_logdet, backend)
+    return torch.cat([yb, xa], dim=1), torch.cat([grad_yb, grad_xa], dim=1), grad_h
