@@ -6,7 +6,12 @@ version so that a foreign file is recognised as such.
 
 Writing is atomic (`save_checkpoint`): a temporary file in the same folder is written, flushed and
 fsynced, then renamed over the target with `os.replace`, and the folder is fsynced. A crash at any
-point leaves either the old file or the new one, never a torn one.
+point leaves either the old file or the new one, never a torn one (and a temporary file that
+`remove_stale_temp_files` clears at the start of the next run).
+
+Reading is verified (`load_checkpoint`): `torch.save` writes a zip container with a CRC-32 per member,
+which `torch.load` never checks; every member is read and its CRC compared before the file is
+unpickled, so a file with flipped or overwritten bytes is refused instead of loading garbage weights.
 
 Example:
     >>> import tempfile, torch, os
@@ -23,6 +28,7 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
@@ -39,6 +45,8 @@ __all__ = [
     "link_or_copy_atomic",
     "step_checkpoint_path",
     "prune_step_checkpoints",
+    "remove_stale_temp_files",
+    "verify_checkpoint_file",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -49,6 +57,9 @@ FORMAT_KEY = "format"
 FORMAT_NAME = "revglow-checkpoint"
 FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
+# Temporary names of the two atomic writers: `.NAME.XXXXXXXX.tmp` (save_checkpoint), `.NAME.PID.tmp` (links).
+_TEMP_FILE = re.compile(r"^\.checkpoint(-\d+)?\.pt\..+\.tmp$")
+_CRC_CHUNK = 1 << 22
 
 
 class CheckpointError(ValueError):
@@ -120,12 +131,34 @@ def link_or_copy_atomic(source: PathLike, target: PathLike) -> Path:
     return target
 
 
+def verify_checkpoint_file(path: PathLike) -> None:
+    """Raise CheckpointError unless `path` is a zip container whose every member matches its stored CRC-32.
+
+    torch.save writes such a container; torch.load reads it without checking the CRCs, so corruption that
+    keeps the length (overwritten bytes in a tensor) would otherwise load as wrong weights.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    while member.read(_CRC_CHUNK):   # zipfile raises BadZipFile at the end on a CRC mismatch
+                        pass
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"{path}: the checkpoint is corrupt ({exc}); it was not loaded. Use an earlier "
+                              f"checkpoint-STEP.pt from the same folder") from exc
+    except (OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: truncated or corrupt, or not a PyTorch file "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+
 def load_checkpoint(path: PathLike, map_location: Optional[Union[str, torch.device]] = "cpu",
                     required: Iterable[str] = ()) -> Dict:
     """Read a checkpoint written by `save_checkpoint` with torch.load(weights_only=True).
 
-    Raises CheckpointError naming the file and the problem: missing, truncated/corrupt, holding more
-    than plain data, not a revglow checkpoint, or lacking one of the `required` keys.
+    Every member's CRC-32 is checked first (`verify_checkpoint_file`). Raises CheckpointError naming the
+    file and the problem: missing, truncated/corrupt, holding more than plain data, not a revglow
+    checkpoint, or lacking one of the `required` keys.
     """
     path = Path(path)
     if not path.exists():
@@ -134,6 +167,8 @@ def load_checkpoint(path: PathLike, map_location: Optional[Union[str, torch.devi
         raise CheckpointError(f"{path}: is not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the checkpoint file is empty")
+    if zipfile.is_zipfile(path):
+        verify_checkpoint_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -174,6 +209,22 @@ def prune_step_checkpoints(folder: PathLike, keep: int) -> List[Path]:
     for path in doomed:
         path.unlink()
     return doomed
+
+
+def remove_stale_temp_files(folder: PathLike) -> List[Path]:
+    """Delete temporary files that killed checkpoint writes left in `folder`; returns the deleted paths.
+
+    Call it only when no other process writes checkpoints into `folder` (at the start of a run).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if _TEMP_FILE.match(entry.name) and entry.is_file():
+            entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------- RNG

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import math
 import os
 import sys
 import typing
@@ -23,6 +25,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import COUPLINGS, KERNEL_BACKENDS, MEMORY_MODES, PERMUTATIONS, RECONSTRUCTION_CHECKS, GlowConfig
 from .data import DATASETS, load_dataset
+from .train import TrainingInterrupted
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -67,7 +70,15 @@ _HELP = {
     "max_bad_steps": "stop after this many non-finite steps in a row",
     "n_samples": "images per sample grid",
     "progress": "show a progress bar",
+    "overwrite": "start afresh in an --out that holds a run (its checkpoints, metrics and samples are removed)",
+    "init_batch_size": "images for ActNorm's data-dependent init, may exceed --batch-size (the paper's code uses "
+                       "256; default: one global batch)",
+    "skip_bad_images": "folder data: leave unreadable image files out (counted) instead of stopping",
+    "tensorboard": "also write TensorBoard events to OUT/tensorboard (scalars and sample grids)",
 }
+# Model flags whose default depends on --data (revglow.train.MODEL_DEFAULTS); --print-config shows the result.
+_DATA_DEPENDENT = ("levels", "depth", "hidden", "n_bits")
+_MAX_SEED = 2 ** 32 - 1
 
 
 class CommandError(Exception):
@@ -105,6 +116,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[st
         flag = "--" + item.name.replace("_", "-")
         default = item.default if item.default is not MISSING else None
         help_text = _HELP.get(item.name, "")
+        if cls is GlowConfig and item.name in _DATA_DEPENDENT:
+            default = _data_dependent_default(item.name, default)
         base, convert = _flag_type(item.name, hints[item.name])
         if base is bool:
             group.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -116,6 +129,14 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[st
                                help=f"{help_text} (default: {default})", **kwargs)
         names.append(item.name)
     return names
+
+
+def _data_dependent_default(name: str, fallback) -> str:
+    """'depends on --data: digits 2, cifar10 3, ...' for a model flag whose default MODEL_DEFAULTS sets."""
+    from .train import MODEL_DEFAULTS
+
+    per_data = ", ".join(f"{data} {MODEL_DEFAULTS.get(data, {}).get(name, fallback)}" for data in DATASETS)
+    return f"depends on --data: {per_data}"
 
 
 def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a Glow model",
                                 description="Train a Glow model; the defaults train a small one on the 8x8 digits.")
     train.add_argument("--resume", nargs="?", const="", default=argparse.SUPPRESS, metavar="CHECKPOINT",
-                       help="continue a run exactly (default checkpoint: OUT/checkpoint.pt)")
+                       help="continue a run exactly (default checkpoint: OUT/checkpoint.pt); training flags given "
+                            "with it take effect, model flags may not change (except --memory, --kernels, "
+                            "--check-reconstruction, --reconstruction-tol)")
+    train.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                       help="print the resolved model and training configuration as JSON and exit")
     _add_dataclass_flags(train, GlowConfig, skip=("image_shape",))
     _add_dataclass_flags(train, TrainConfig, skip=("resume",))
 
@@ -178,38 +203,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- commands
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, Trainer, default_glow_config, load_resume_state, train_config_for_resume
+# Training options that a resumed run may not change: they fix the data, its order and the random streams.
+_FIXED_ON_RESUME = ("data", "image_size", "seed")
 
-    given = vars(args)
+
+def _train_configs(given: dict):
+    """(GlowConfig, TrainConfig, data, resume state) from the flags given."""
+    from .train import (RESUME_GLOW_FIELDS, TrainConfig, check_out_folder, default_glow_config, load_resume_state,
+                        train_config_for_resume)
+    from .distributed import DistributedContext
+
     glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given}
     train_over = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given and f.name != "resume"}
-    state = None
-    if "resume" in given:
-        path = given["resume"] or str(Path(TrainConfig(**{k: v for k, v in train_over.items()
-                                                            if k in ("data", "out")}).out) / "checkpoint.pt")
-        state = load_resume_state(path)
-        saved = GlowConfig.from_dict(state["glow_config"]).to_dict()
-        changed = sorted(k for k, v in glow_over.items() if saved.get(k) != v)
+    if "resume" not in given:
+        config = TrainConfig(**train_over)
+        if "print_config" not in given:   # refuse before the (possibly slow) data loading
+            DistributedContext.current().run_on_main(check_out_folder, config.out, config.overwrite)
+        data = load_dataset(config.data, config.data_root, config.image_size, config.skip_bad_images)
+        return default_glow_config(data, **glow_over), config, data, None
+    path = given["resume"] or str(Path(TrainConfig(**{k: v for k, v in train_over.items()
+                                                        if k in ("data", "out")}).out) / "checkpoint.pt")
+    state = load_resume_state(path)
+    saved = GlowConfig.from_dict(state["glow_config"]).to_dict()
+    model_changes = sorted(k for k, v in glow_over.items() if saved.get(k) != v and k not in RESUME_GLOW_FIELDS)
+    saved_train = state["train_config"]
+    data_changes = sorted(k for k in _FIXED_ON_RESUME if k in train_over and train_over[k] != saved_train.get(k))
+    for what, changed in (("the model", model_changes), ("the data or the seed", data_changes)):
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise CommandError(f"{path}: cannot change the model on resume ({flags} differ from the checkpoint)")
-        glow = GlowConfig.from_dict(state["glow_config"])
-        config = train_config_for_resume(state, {**train_over, "resume": path})
-        data = load_dataset(config.data, config.data_root, config.image_size)
-    else:
-        config = TrainConfig(**train_over)
-        data = load_dataset(config.data, config.data_root, config.image_size)
-        glow = default_glow_config(data, **glow_over)
+            raise CommandError(f"{path}: cannot change {what} on resume ({flags} differ from the checkpoint); start "
+                               f"a new run (another --out, or --overwrite) to change them")
+    glow = GlowConfig.from_dict({**saved, **{k: v for k, v in glow_over.items() if k in RESUME_GLOW_FIELDS}})
+    config = train_config_for_resume(state, {**train_over, "resume": path})
+    data = load_dataset(config.data, config.data_root, config.image_size, config.skip_bad_images)
+    return glow, config, data, state
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import init_from_environment
+
+    given = vars(args)
+    started_group = init_from_environment(given.get("device", "auto"))
+    try:
+        return _train(given)
+    finally:
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(given: dict) -> int:
+    from .train import Trainer
+
+    glow, config, data, state = _train_configs(given)
+    if "print_config" in given:
+        print(json.dumps({"glow_config": glow.to_dict(), "train_config": config.to_dict()}, indent=2))
+        return 0
     trainer = Trainer(glow, config, data=data, resume_state=state)
+    main = trainer.dist.is_main
     n_params = sum(p.numel() for p in trainer.model.parameters())
     c, h, w = data.image_shape
     start = f"resuming at step {trainer.step}" if state is not None else "starting"
-    print(f"revglow train: {data.name}, {len(data.train)} train / {len(data.test)} test images {c}x{h}x{w}; "
-          f"Glow levels={glow.levels} depth={glow.depth} hidden={glow.hidden} {glow.coupling} n_bits={glow.n_bits} "
-          f"memory={glow.memory}, {n_params:,} parameters; {trainer.total_steps} steps on {trainer.device}; {start}",
-          flush=True)
+    world = trainer.dist.world_size
+    processes = (f"{world} processes ({trainer.dist.backend}), global batch {trainer.sampler.global_batch_size} = "
+                 f"{trainer.sampler.batch_size} x {world}" if world > 1 else "1 process")
+    skipped = f" ({len(data.skipped)} unreadable images skipped)" if data.skipped else ""
+    if main:
+        print(f"revglow train: {data.name}, {len(data.train)} train / {len(data.test)} test images {c}x{h}x{w}{skipped}; "
+              f"Glow levels={glow.levels} depth={glow.depth} hidden={glow.hidden} {glow.coupling} n_bits={glow.n_bits} "
+              f"memory={glow.memory}, {n_params:,} parameters; {trainer.total_steps} steps on {trainer.device}, "
+              f"{processes}; {start}", flush=True)
     result = trainer.run()
+    if not main:
+        return 0
     weights = "EMA weights" if result.used_ema else "raw weights"
     print(f"test bits/dim:     {result.test_bpd:.4f} ± {result.test_bpd_stderr:.4f} "
           f"(Glow, {weights}, {result.test_images} test images, step {result.step})")
@@ -224,6 +291,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_for_generation(args: argparse.Namespace):
     from .train import load_model, resolve_device
 
+    if not 0 <= args.seed <= _MAX_SEED:
+        raise CommandError(f"--seed must be between 0 and 2**32 - 1 = {_MAX_SEED}; got {args.seed}")
     state = load_checkpoint(args.checkpoint, required=("model", "glow_config"))
     device = resolve_device(args.device)
     model = load_model(state, device, use_ema=args.ema)
@@ -364,6 +433,8 @@ def _cmd_manipulate(args: argparse.Namespace) -> int:
         raise CommandError(f"--alphas must be comma-separated numbers, e.g. -1,-0.5,0,0.5,1; got {args.alphas!r}")
     if not alphas:
         raise CommandError("--alphas is empty")
+    if not all(math.isfinite(a) for a in alphas):
+        raise CommandError(f"--alphas must be finite numbers; got {args.alphas!r}")
     _require_at_least(args, "batch_size", 1)
     positive, negative = _read_attribute_csv(Path(args.labels), args.attribute)
     _, model, device, label = _load_for_generation(args)
@@ -410,6 +481,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else 2
     try:
         return _COMMANDS[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"revglow: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("revglow: interrupted", file=sys.stderr)
         return 130

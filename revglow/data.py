@@ -8,12 +8,16 @@ Sources (`load_dataset(name, root, image_size)`):
            0..16 mapped to 0..255; a fixed split (seed 0) keeps 20% for the test set.
   cifar10  the CIFAR-10 "python" batches (data_batch_1..5, test_batch) in the folder `root`.
   folder   PNG/JPEG files under `root`, searched recursively; class subfolders give labels; `root/train`
-           and `root/test` give the split when both exist, else a fixed 10% test split.
+           and `root/test` give the split when both exist, else a fixed 10% test split. Every file is
+           decoded once when the data set is loaded, so an unreadable one stops before training, naming
+           its path (or is left out, and counted, with skip_bad_images=True).
   npz      a NumPy .npz file `root` with x_train/x_test (+ y_train/y_test), or images|x (+ labels|y)
            and a fixed 10% test split; [N, H, W, C], [N, C, H, W] or [N, H, W] uint8 arrays.
 
 Training order is reproducible and resumable: `EpochBatchSampler` draws each epoch's permutation from
 (seed, epoch) alone, and a `DataPosition` (epoch, index into that permutation) says where to go on.
+Under torch.distributed every rank takes its own slice of each global batch of that permutation (a
+distributed sampler reshuffled every epoch), so the position means the same for any number of processes.
 
 Example:
     >>> data = load_dataset("digits")
@@ -22,7 +26,10 @@ Example:
 """
 from __future__ import annotations
 
+import os
 import pickle
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -31,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .images import IMAGE_SUFFIXES, load_image
+from .images import IMAGE_SUFFIXES, is_grey_mode, load_image
 
 __all__ = [
     "DATASETS",
@@ -115,6 +122,7 @@ class ImageData:
     image_shape: Tuple[int, int, int]
     num_classes: int = 0
     class_names: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)   # unreadable files left out (folder, skip_bad_images=True)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -266,25 +274,46 @@ def _labelled_files(folder: Path, classes: Optional[List[str]]) -> Tuple[List[Pa
     return files, labels, classes
 
 
-def _folder_channels(files: Sequence[Path]) -> int:
+def _decode_mode(path: Path) -> Tuple[Optional[str], str]:
+    """(PIL mode, "") when the whole file decodes, else (None, why)."""
     from PIL import Image
 
-    for path in files:
-        try:
-            with Image.open(path) as picture:
-                if picture.mode not in ("1", "L", "LA", "I", "I;16", "F"):
-                    return 3
-        except Exception as exc:
-            raise DataError(f"{path}: not a readable image ({exc})") from exc
-    return 1
+    try:
+        with Image.open(path) as picture:
+            picture.load()     # decodes every pixel: a truncated or damaged file fails here, not mid-run
+            return picture.mode, ""
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for bad files
+        return None, f"{type(exc).__name__}: {exc}"
 
 
-def load_image_folder(root: Optional[str], image_size: Optional[int]) -> ImageData:
+def _check_image_files(files: Sequence[Path], skip_bad: bool) -> Tuple[set, int]:
+    """Decode every file once (threads: Pillow's decoders release the GIL). Returns (unreadable files, channels:
+    1 when every readable file is grey, else 3). Without `skip_bad` the first unreadable file is a DataError."""
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_decode_mode, files, chunksize=64))
+    bad = [(path, why) for path, (mode, why) in zip(files, results) if mode is None]
+    if bad and not skip_bad:
+        path, why = bad[0]
+        more = f" ({len(bad)} of {len(files)} files are unreadable)" if len(bad) > 1 else ""
+        raise DataError(f"{path}: not a readable image ({why}){more}; fix or remove it, or pass --skip-bad-images "
+                        f"to train without the unreadable files")
+    grey = all(is_grey_mode(mode) for mode, _ in results if mode is not None)
+    return {path for path, _ in bad}, 1 if grey else 3
+
+
+def _drop(files: List[Path], labels: Optional[List[int]], bad: set) -> Tuple[List[Path], Optional[List[int]]]:
+    keep = [i for i, p in enumerate(files) if p not in bad]
+    return [files[i] for i in keep], None if labels is None else [labels[i] for i in keep]
+
+
+def load_image_folder(root: Optional[str], image_size: Optional[int], skip_bad_images: bool = False) -> ImageData:
     """PNG/JPEG files under `root` (recursive), resized and centre-cropped to image_size x image_size.
 
     Labels come from class subfolders (root/CLASS/...) when every image lies in one. With root/train and
     root/test present those are the split; otherwise a fixed 10% of the files is the test set. Images are
-    grey (C=1) when every file is grey, else RGB.
+    grey (C=1) when every file is grey, else RGB. Every file is decoded here once: an unreadable one is a
+    DataError naming it, or, with skip_bad_images, is left out (listed in ImageData.skipped).
     """
     if root is None:
         raise DataError("--data folder needs --data-root: a folder of PNG/JPEG images (class subfolders optional)")
@@ -311,18 +340,35 @@ def load_image_folder(root: Optional[str], image_size: Optional[int]) -> ImageDa
         train_files, test_files = [files[i] for i in train_idx], [files[i] for i in test_idx]
         train_labels = None if labels is None else [labels[i] for i in train_idx]
         test_labels = None if labels is None else [labels[i] for i in test_idx]
-    channels = _folder_channels(train_files + test_files)
+    bad, channels = _check_image_files(train_files + test_files, skip_bad_images)
+    if bad:
+        train_files, train_labels = _drop(train_files, train_labels, bad)
+        test_files, test_labels = _drop(test_files, test_labels, bad)
+        for part, kept in (("train", train_files), ("test", test_files)):
+            if not kept:
+                raise DataError(f"{folder}: no readable images left in the {part} split after skipping "
+                                f"{len(bad)} unreadable file(s)")
     all_labels = None if train_labels is None else torch.tensor(train_labels + (test_labels or []))
     data = _make_data("folder", ImageFileDataset(train_files, train_labels, size, channels),
                       ImageFileDataset(test_files, test_labels, size, channels),
                       (channels, image_size, image_size), all_labels, classes)
     if classes:
         data.num_classes = len(classes)
+    data.skipped = sorted(str(p) for p in bad)
     return data
 
 
 def _first_key(archive, names: Sequence[str]) -> Optional[str]:
     return next((k for k in names if k in archive.files), None)
+
+
+def _member(archive, key: str, path: Path) -> np.ndarray:
+    """archive[key], with a damaged member (bad CRC, truncated, not an array) as one DataError line."""
+    try:
+        return archive[key]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}[{key}]: the array is corrupt or unreadable ({type(exc).__name__}: {text})") from exc
 
 
 def load_npz(root: Optional[str]) -> ImageData:
@@ -343,13 +389,13 @@ def load_npz(root: Optional[str]) -> ImageData:
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     with archive:
         if "x_train" in archive.files and "x_test" in archive.files:
-            train_x = _to_nchw(archive["x_train"], f"{path}[x_train]")
-            test_x = _to_nchw(archive["x_test"], f"{path}[x_test]")
+            train_x = _to_nchw(_member(archive, "x_train", path), f"{path}[x_train]")
+            test_x = _to_nchw(_member(archive, "x_test", path), f"{path}[x_test]")
             if train_x.shape[1:] != test_x.shape[1:]:
                 raise DataError(f"{path}: x_train images {train_x.shape[1:]} and x_test images {test_x.shape[1:]} differ")
             has_y = "y_train" in archive.files and "y_test" in archive.files
-            train_y = _labels_array(archive["y_train"], train_x.shape[0], f"{path}[y_train]") if has_y else None
-            test_y = _labels_array(archive["y_test"], test_x.shape[0], f"{path}[y_test]") if has_y else None
+            train_y = _labels_array(_member(archive, "y_train", path), train_x.shape[0], f"{path}[y_train]") if has_y else None
+            test_y = _labels_array(_member(archive, "y_test", path), test_x.shape[0], f"{path}[y_test]") if has_y else None
             labels = torch.cat([train_y, test_y]) if has_y else None
             if train_x.shape[0] == 0 or test_x.shape[0] == 0:
                 raise DataError(f"{path}: x_train and x_test must both hold at least one image")
@@ -358,18 +404,19 @@ def load_npz(root: Optional[str]) -> ImageData:
         image_key = _first_key(archive, ("images", "x"))
         if image_key is None:
             raise DataError(f"{path}: expected arrays x_train and x_test, or images or x; found {archive.files}")
-        images = _to_nchw(archive[image_key], f"{path}[{image_key}]")
+        images = _to_nchw(_member(archive, image_key, path), f"{path}[{image_key}]")
         label_key = _first_key(archive, ("labels", "y"))
-        labels = _labels_array(archive[label_key], images.shape[0], f"{path}[{label_key}]") if label_key else None
+        labels = _labels_array(_member(archive, label_key, path), images.shape[0], f"{path}[{label_key}]") if label_key else None
     return _split_tensors("npz", torch.from_numpy(images), labels, DEFAULT_TEST_FRACTION)
 
 
-def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int] = None) -> ImageData:
+def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int] = None,
+                 skip_bad_images: bool = False) -> ImageData:
     """Load one of DATASETS from local files (see the module docstring)."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {DATASETS}")
     if name == "folder":
-        return load_image_folder(root, image_size)
+        return load_image_folder(root, image_size, skip_bad_images)
     data = load_digits() if name == "digits" else load_cifar10(root) if name == "cifar10" else load_npz(root)
     _check_image_size(name, image_size, data.image_shape)
     return data
@@ -402,45 +449,68 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class EpochBatchSampler(Sampler[List[int]]):
-    """Batches of indices for one epoch, starting at a position inside it.
+    """Batches of indices for one epoch, starting at a position inside it; a distributed sampler too.
 
-    Only full batches are drawn (the remainder of each epoch's permutation is skipped), unless the data
-    set is smaller than one batch, in which case the one batch is the whole data set.
+    Each epoch's permutation is cut into global batches of batch_size * world_size items; rank r takes
+    items [r * batch_size, (r + 1) * batch_size) of each. The position's index counts items of the
+    permutation (global), so a run resumes at the same place whatever the number of processes.
+    Only full global batches are drawn (the remainder of each epoch's permutation is skipped), unless the
+    data set is smaller than one, in which case the batch shrinks to fit.
     Call `set_position` before iterating; the sampler never touches the global RNG.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if num_items < 1:
             raise ValueError("EpochBatchSampler: the data set is empty")
         if batch_size < 1:
             raise ValueError(f"EpochBatchSampler: batch_size must be >= 1; got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"EpochBatchSampler: need 0 <= rank < world_size; got rank {rank}, world_size {world_size}")
+        if num_items < world_size:
+            raise ValueError(f"EpochBatchSampler: {num_items} training images cannot be shared by {world_size} "
+                             f"processes")
         self.num_items = num_items
-        self.batch_size = min(batch_size, num_items)
+        self.batch_size = min(batch_size, num_items // world_size)
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.position = DataPosition()
 
     @property
+    def global_batch_size(self) -> int:
+        """Items of the permutation one step consumes: the per-process batch times the number of processes."""
+        return self.batch_size * self.world_size
+
+    @property
     def batches_per_epoch(self) -> int:
-        return self.num_items // self.batch_size
+        return self.num_items // self.global_batch_size
 
     def set_position(self, position: DataPosition) -> None:
         self.position = DataPosition(position.epoch, position.index)
 
+    def remaining(self, position: DataPosition) -> int:
+        """Batches left in the epoch of `position` from its index on."""
+        end = self.batches_per_epoch * self.global_batch_size
+        return max(0, (end - position.index) // self.global_batch_size)
+
     def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.position.index // self.batch_size)
+        return self.remaining(self.position)
 
     def __iter__(self) -> Iterator[List[int]]:
         order = epoch_permutation(self.num_items, self.seed, self.position.epoch).tolist()
-        end = self.batches_per_epoch * self.batch_size
-        for start in range(self.position.index, end - self.batch_size + 1, self.batch_size):
-            yield order[start:start + self.batch_size]
+        step = self.global_batch_size
+        end = self.batches_per_epoch * step
+        for start in range(self.position.index, end - step + 1, step):
+            first = start + self.rank * self.batch_size
+            yield order[first:first + self.batch_size]
 
 
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> Tuple[DataLoader, EpochBatchSampler]:
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Tuple[DataLoader, EpochBatchSampler]:
     """A DataLoader over `dataset` in the resumable order of an `EpochBatchSampler` (returned too)."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0; got {workers}")
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed)
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
     # A private generator: DataLoader otherwise draws its worker base seed from the global torch RNG,
     # which would shift the dequantization noise and break exact resume.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,

@@ -26,12 +26,18 @@ __all__ = [
     "save_grid",
     "load_image",
     "resize_and_center_crop",
+    "is_grey_mode",
 ]
 
 PathLike = Union[str, os.PathLike]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_GREY_MODES = ("1", "L", "LA", "F")
+
+
+def is_grey_mode(mode: str) -> bool:
+    """Whether images of this PIL mode are read as one grey channel by `load_image` ("I;16", "I" ...: 16-bit)."""
+    return mode in _GREY_MODES or mode.startswith("I")
 
 
 def _pil():
@@ -159,11 +165,15 @@ def load_image(path: PathLike, size: Optional[Sequence[int]] = None, channels: O
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for bad files
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
     if channels is None:
-        channels = 1 if picture.mode in _GREY_MODES else 3
-    if picture.mode in ("I", "I;16", "F"):  # 16-bit / float greys: scale to 8 bits first
+        channels = 1 if is_grey_mode(picture.mode) else 3
+    if picture.mode.startswith("I"):
+        # 16-bit greys (PNG opens them as "I;16*" or "I"): the range is fixed by the bit depth, 0..65535, never by
+        # the image's own maximum (a dark 16-bit image must stay dark).
         values = np.asarray(picture, dtype=np.float64)
-        top = 65535.0 if values.max() > 255 else 255.0
-        picture = Image.fromarray(np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+        picture = Image.fromarray(np.clip(values / 65535.0 * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+    elif picture.mode == "F":  # float greys: taken as 0..255 like 8-bit ones
+        values = np.asarray(picture, dtype=np.float64)
+        picture = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), mode="L")
     picture = picture.convert("L" if channels == 1 else "RGB")
     if size is not None:
         if len(size) != 2:

@@ -97,3 +97,24 @@ def test_prune_keeps_newest(tmp_path):
     removed = prune_step_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["checkpoint-00000005.pt", "checkpoint-00000010.pt"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000020.pt", "checkpoint-00000100.pt", "checkpoint.pt"]
+
+
+def test_same_length_corruption_is_detected(tmp_path):
+    path = save_checkpoint({"model": {"w": torch.randn(4096)}, "step": 1}, tmp_path / "c.pt")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(200)          # the length and the zip structure stay as they were
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"c\.pt: the checkpoint is corrupt \(Bad CRC-32"):
+        load_checkpoint(path)
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    from revglow.checkpoint import remove_stale_temp_files
+
+    ours = [tmp_path / ".checkpoint.pt.abcd1234.tmp", tmp_path / ".checkpoint-00000012.pt.777.tmp"]
+    theirs = [tmp_path / ".other.pt.1.tmp", tmp_path / "checkpoint.pt"]
+    for path in ours + theirs:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in theirs)

@@ -152,3 +152,163 @@ def test_diverging_run_exits_1_with_checkpoint_intact(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "revglow: error: 2 non-finite steps in a row" in err and "last good checkpoint" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+# ------------------------------------------------------------------------------ issue 9: runs that lose nothing
+
+def _one_line_error(capsys, code, *fragments):
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("revglow: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A 2-step digits run (lr 1e-3, EMA 0.9, --max-steps) that tests copy before resuming it."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert main(["train", *TINY, "--lr", "1e-3", "--warmup", "0", "--out", str(out)]) == 0
+    return out
+
+
+def _copy_run(base_run, tmp_path):
+    import shutil
+
+    return shutil.copytree(base_run, tmp_path / "run")
+
+
+def test_rerun_without_resume_is_refused_and_overwrite_starts_afresh(base_run, tmp_path, capsys):
+    out = _copy_run(base_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _one_line_error(capsys, main(["train", *TINY, "--out", str(out)]), "is not empty", "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(["train", *TINY, "--max-steps", "1", "--overwrite", "--out", str(out)]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert sorted(p.name for p in out.glob("checkpoint-*.pt")) == ["checkpoint-00000001.pt"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 1
+
+
+def _largest_tensor_offset(path):
+    """Where the data of the largest member of a torch.save zip starts (past its local header)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length + info.file_size // 2 - 100
+
+
+def test_corrupt_checkpoint_is_refused_by_every_loader(digits_run, tmp_path, capsys):
+    from revglow.checkpoint import CheckpointError
+    from revglow.train import load_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "checkpoint.pt"
+    data = bytearray((digits_run / "checkpoint.pt").read_bytes())
+    start = _largest_tensor_offset(digits_run / "checkpoint.pt")
+    data[start:start + 200] = b"\x7f" * 200              # same length; 200 bytes of one tensor's data overwritten
+    ckpt.write_bytes(bytes(data))
+    picture = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(picture)
+    (tmp_path / "attrs.csv").write_text("path,x\na.png,1\na.png,0\n")
+    commands = [
+        ["eval", "--checkpoint", str(ckpt)],
+        ["sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s.png")],
+        ["interpolate", "--checkpoint", str(ckpt), "--images", str(picture), str(picture), "--label", "1",
+         "--out", str(tmp_path / "i.png")],
+        ["manipulate", "--checkpoint", str(ckpt), "--labels", str(tmp_path / "attrs.csv"), "--attribute", "x",
+         "--image", str(picture), "--label", "1", "--out", str(tmp_path / "m.png")],
+        ["train", "--resume", "--out", str(run), "--max-steps", "3", "--no-progress"],
+    ]
+    for argv in commands:
+        _one_line_error(capsys, main(argv), "checkpoint.pt: the checkpoint is corrupt")
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_model(ckpt, torch.device("cpu"))
+    assert not (tmp_path / "s.png").exists() and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+
+
+def test_resume_flags_take_effect_and_are_recorded(base_run, tmp_path, capsys):
+    out = _copy_run(base_run, tmp_path)
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "4", "--lr", "5e-4", "--ema", "0.5",
+                 "--grad-clip", "1.5", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "images_per_s" in r] == [1e-3, 1e-3, 5e-4, 5e-4]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["ema"]["decay"] == 0.5
+    assert (state["train_config"]["lr"], state["train_config"]["ema"], state["train_config"]["grad_clip"]) == (5e-4, 0.5, 1.5)
+
+
+def test_resume_switches_from_max_steps_to_epochs(base_run, tmp_path, capsys):
+    out = _copy_run(base_run, tmp_path)
+    # 1438 train images at 256 per step: 5 steps per epoch; 2 steps of 8 images are done, so 4 remain.
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "1", "--batch-size", "256",
+                 "--no-progress"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and state["data_position"] == {"epoch": 1, "index": 0}
+    assert (state["train_config"]["epochs"], state["train_config"]["max_steps"]) == (1, None)
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "7", "--no-progress"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 7
+
+
+def test_resume_may_change_memory_mode_and_kernels_not_the_model(base_run, tmp_path, capsys):
+    out = _copy_run(base_run, tmp_path)
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--memory", "checkpoint",
+                 "--kernels", "torch", "--no-progress"]) == 0
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["glow_config"]
+    assert (config["memory"], config["kernels"]) == ("checkpoint", "torch")
+    _one_line_error(capsys, main(["train", "--resume", "--out", str(out), "--hidden", "16"]),
+                    "cannot change the model on resume (--hidden")
+    _one_line_error(capsys, main(["train", "--resume", "--out", str(out), "--seed", "3"]), "--seed")
+
+
+def test_corrupt_image_stops_the_run_before_training(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "pics", per_class=4)
+    good = (root / "cat" / "img0.png").read_bytes()
+    bad = root / "dog" / "img1.png"
+    bad.write_bytes(good[: len(good) // 2])                       # a valid header, then the data stops
+    out = tmp_path / "out"
+    argv = ["train", *TINY, "--data", "folder", "--data-root", str(root), "--image-size", "8", "--out", str(out)]
+    _one_line_error(capsys, main(argv), str(bad), "--skip-bad-images")
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+    assert main(argv + ["--skip-bad-images"]) == 0
+    assert "(1 unreadable images skipped)" in capsys.readouterr().out
+
+
+def test_alphas_must_be_finite(digits_run, tmp_path, capsys):
+    picture = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(picture)
+    (tmp_path / "attrs.csv").write_text("path,x\na.png,1\na.png,0\n")
+    argv = ["manipulate", "--checkpoint", str(digits_run / "checkpoint.pt"), "--labels", str(tmp_path / "attrs.csv"),
+            "--attribute", "x", "--image", str(picture), "--label", "1", "--out", str(tmp_path / "m.png")]
+    for alphas in ("nan", "0,inf"):
+        _one_line_error(capsys, main(argv + ["--alphas", alphas]), "--alphas must be finite")
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_help_shows_data_dependent_defaults_and_print_config(tmp_path, capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--levels LEVELS number of scales L (H and W must be divisible by 2**L) (default: depends on --data: " \
+           "digits 2, cifar10 3, folder 3, npz 2)" in text
+    assert "(default: 512)" not in text and "--print-config" in text
+    out = tmp_path / "never"
+    assert main(["train", "--data", "digits", "--print-config", "--out", str(out)]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    glow = resolved["glow_config"]
+    assert (glow["levels"], glow["depth"], glow["hidden"], glow["n_bits"], glow["image_shape"]) == (2, 8, 64, 4, [1, 8, 8])
+    assert resolved["train_config"]["out"] == str(out) and not out.exists()
+
+
+def test_out_of_range_seeds_are_one_line(digits_run, tmp_path, capsys):
+    huge = str(2 ** 70)
+    _one_line_error(capsys, main(["train", *TINY, "--seed", huge, "--out", str(tmp_path / "o")]),
+                    "TrainConfig.seed must be between 0 and 2**32 - 1")
+    _one_line_error(capsys, main(["sample", "--checkpoint", str(digits_run / "checkpoint.pt"), "--seed", huge,
+                                  "--out", str(tmp_path / "s.png")]), "--seed must be between 0 and 2**32 - 1")

@@ -213,3 +213,55 @@ def test_baseline_on_digits_is_below_uniform():
     baseline = PixelCategoricalBaseline.fit(train, n_bits=8)
     bpd = baseline.bits_per_dim(test).mean().item()
     assert 1.0 < bpd < 8.0
+
+
+# ------------------------------------------------------------------------------ issue 9: data checked up front
+
+def test_corrupt_image_in_a_folder_is_found_when_loading(tmp_path):
+    root = write_image_folder(tmp_path / "pics", per_class=5)
+    good = (root / "cat" / "img0.png").read_bytes()
+    bad = root / "cat" / "img3.png"
+    bad.write_bytes(good[: len(good) // 2])                  # the header reads; the pixel data is cut short
+    with pytest.raises(DataError, match=rf"{bad}: not a readable image .*--skip-bad-images"):
+        load_dataset("folder", str(root), image_size=8)
+    data = load_dataset("folder", str(root), image_size=8, skip_bad_images=True)
+    assert data.skipped == [str(bad)] and len(data.train) + len(data.test) == 9
+    for dataset in (data.train, data.test):
+        assert all(item[0].shape == (3, 8, 8) for item in dataset)     # every kept file decodes
+
+
+def test_16_bit_images_scale_by_65535(tmp_path):
+    dark = np.full((4, 4), 200, dtype=np.uint16)              # 200 / 65535: nearly black, not 200 / 255
+    dark[0, 0] = 65535
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    with Image.open(tmp_path / "dark16.png") as picture:
+        assert picture.mode.startswith("I")
+    image = load_image(tmp_path / "dark16.png")
+    assert image.shape == (1, 4, 4) and int(image[0, 0, 0]) == 255 and int(image[0, 1, 1]) == 1
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)).save(tmp_path / "darker16.png")
+    assert int(load_image(tmp_path / "darker16.png").max()) == 1
+
+
+def test_corrupt_npz_member_is_one_data_error(tmp_path):
+    path = write_npz(tmp_path / "d.npz", n=40)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 3
+    data[middle:middle + 64] = bytes(64)                      # inside the images array: its CRC no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"d\.npz\[images\]: the array is corrupt or unreadable \(BadZipFile"):
+        load_dataset("npz", str(path))
+
+
+def test_distributed_sampler_shares_each_global_batch_and_reshuffles():
+    samplers = [EpochBatchSampler(20, 3, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert samplers[0].global_batch_size == 6 and samplers[0].batches_per_epoch == 3
+    single = EpochBatchSampler(20, 6, seed=1)
+    for epoch in (0, 1):
+        for sampler in samplers + [single]:
+            sampler.set_position(DataPosition(epoch, 6))
+        joined = [a + b for a, b in zip(*[list(s) for s in samplers])]
+        assert joined == list(single) and len(joined) == 2
+    samplers[0].set_position(DataPosition(0, 0))
+    first = list(samplers[0])
+    samplers[0].set_position(DataPosition(1, 0))
+    assert list(samplers[0]) != first

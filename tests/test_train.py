@@ -164,3 +164,221 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, digits, monk
         trainer.run()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------ issue 9: runs that lose nothing
+
+def _tensor_data(n=40, shape=(1, 4, 4), seed=0):
+    from revglow.data import ImageData, TensorImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n,) + shape, generator=g, dtype=torch.uint8)
+    return ImageData("npz", TensorImageDataset(images[: n - 8]), TensorImageDataset(images[n - 8:]), shape)
+
+
+def test_fresh_run_refuses_a_folder_that_holds_files(tmp_path, digits):
+    from revglow.train import RunExistsError
+
+    Trainer(TINY, _config(tmp_path, max_steps=2, keep=2), data=digits).run()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(RunExistsError, match=r"not empty .*--resume.*--overwrite"):
+        Trainer(TINY, _config(tmp_path, max_steps=2), data=digits)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    (tmp_path / "notes.txt").write_text("mine")
+    Trainer(TINY, _config(tmp_path, max_steps=1, keep=2, overwrite=True), data=digits).run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-00000001.pt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"          # --overwrite removes only what a run writes
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["train_config"]["overwrite"] is False
+
+
+def test_stop_signals_first_asks_second_stops_at_once():
+    import signal as signals
+    from revglow.train import TrainingInterrupted, _StopSignals
+
+    class Owner:
+        step = 7
+
+    handler = _StopSignals(Owner())
+    with handler:
+        handler._handle(signals.SIGTERM, None)
+        assert handler.received == signals.SIGTERM
+        with pytest.raises(TrainingInterrupted, match="second SIGTERM at step 7") as caught:
+            handler._handle(signals.SIGTERM, None)
+    assert caught.value.exit_code == 143 and caught.value.checkpoint is None
+
+
+def test_signal_mid_run_saves_the_step_and_raises(tmp_path, digits, monkeypatch):
+    import signal as signals
+    from revglow.train import TrainingInterrupted
+
+    trainer = Trainer(TINY, _config(tmp_path, max_steps=50, checkpoint_every=0), data=digits)
+    real_step = Trainer._train_step
+
+    def step(self, x, y):
+        record = real_step(self, x, y)
+        if self.step == 3:
+            self._signals._handle(signals.SIGINT, None)     # as if Ctrl-C arrived during step 3
+        return record
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    with pytest.raises(TrainingInterrupted, match="SIGINT after step 3") as caught:
+        trainer.run()
+    assert caught.value.exit_code == 130
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 3
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, state["model"][name]), name
+
+
+def test_stale_temp_files_are_removed_on_resume(tmp_path, digits):
+    Trainer(TINY, _config(tmp_path, max_steps=2, keep=2), data=digits).run()
+    stale = [tmp_path / ".checkpoint.pt.k2j3h4.tmp", tmp_path / ".checkpoint-00000002.pt.4242.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    (tmp_path / ".keep.tmp").write_bytes(b"not ours")
+    state = load_resume_state(tmp_path / "checkpoint.pt")
+    Trainer(TINY, _config(tmp_path, max_steps=3), data=digits, resume_state=state).run()
+    assert not any(p.exists() for p in stale) and (tmp_path / ".keep.tmp").exists()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, digits):
+    Trainer(TINY, _config(tmp_path, max_steps=4, checkpoint_every=1, keep=4), data=digits).run()
+    older = tmp_path / "checkpoint-00000002.pt"
+    with pytest.warns(RuntimeWarning, match="moved 3 newer checkpoint"):
+        trainer = Trainer(TINY, _config(tmp_path, max_steps=3, checkpoint_every=1, keep=4, resume=str(older)),
+                          data=digits, resume_state=load_resume_state(older))
+        trainer.run()
+    names = sorted(p.name for p in tmp_path.glob("checkpoint*.pt"))
+    assert names == ["checkpoint-00000001.pt", "checkpoint-00000002.pt", "checkpoint-00000003.pt", "checkpoint.pt"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+    aside = tmp_path / "abandoned-after-step-00000002"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-00000003.pt", "checkpoint-00000004.pt",
+                                                      "checkpoint.pt"]
+    assert load_checkpoint(aside / "checkpoint.pt")["step"] == 4
+
+
+def test_numerical_errors_in_a_step_are_skipped_steps(tmp_path, digits, monkeypatch):
+    trainer = Trainer(TINY, _config(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3), data=digits)
+    parameter = next(trainer.model.parameters())
+
+    def hook(grad):   # raised inside the backward, where the reversible engine inverts the 1x1 convolutions
+        if trainer.step >= 2:
+            raise torch.linalg.LinAlgError("linalg.inv: The diagonal element 1 is zero, the inversion could not "
+                                           "be completed because the input matrix is singular.")
+        return grad
+
+    parameter.register_hook(hook)
+    with pytest.warns(NonFiniteStepWarning, match="numerical failure .*LinAlgError"):
+        with pytest.raises(TrainingDiverged, match=r"3 non-finite steps in a row .*singular.*invconv_lu"):
+            trainer.run()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 2
+    for name, value in trainer.model.state_dict().items():   # the failed steps left the parameters alone
+        assert torch.equal(value, state["model"][name]), name
+    assert trainer.optimizer.state_dict()["state"][0]["step"] == 2
+
+
+def test_reconstruction_error_is_a_skipped_step_with_its_own_advice(tmp_path, digits, monkeypatch):
+    from revglow import ReconstructionError
+
+    trainer = Trainer(TINY, _config(tmp_path, max_steps=20, max_bad_steps=2), data=digits)
+    real_forward = Glow.forward
+
+    def forward(self, x, y=None):
+        raise ReconstructionError("rebuilt input differs by 0.3 (tolerance 0.001)")
+
+    monkeypatch.setattr(Glow, "forward", forward)
+    with pytest.warns(NonFiniteStepWarning, match="ReconstructionError"):
+        with pytest.raises(TrainingDiverged, match=r"non-invertible.*--memory checkpoint"):
+            trainer.run()
+    monkeypatch.setattr(Glow, "forward", real_forward)
+
+
+def test_programming_errors_in_a_step_are_not_swallowed(tmp_path, digits, monkeypatch):
+    def forward(self, x, y=None):
+        raise TypeError("a bug")
+
+    trainer = Trainer(TINY, _config(tmp_path, max_steps=3), data=digits)
+    monkeypatch.setattr(Glow, "forward", forward)
+    with pytest.raises(TypeError, match="a bug"):
+        trainer.run()
+
+
+def test_degenerate_actnorm_init_is_refused_with_advice(tmp_path):
+    data = _tensor_data()
+    glow = GlowConfig(image_shape=(1, 4, 4), levels=2, depth=1, hidden=8)    # top level 1x1
+    trainer = Trainer(glow, _config(tmp_path, batch_size=1, max_steps=2), data=data)
+    with pytest.raises(ValueError, match=r"one value per channel.*--init-batch-size"):
+        trainer.run()
+    assert not trainer.model.is_initialized
+
+
+def test_init_batch_can_be_larger_than_the_training_batch(tmp_path, monkeypatch):
+    data = _tensor_data()
+    glow = GlowConfig(image_shape=(1, 4, 4), levels=2, depth=1, hidden=8)
+    seen = []
+    real_initialize = Glow.initialize
+
+    def initialize(self, x, y=None):
+        seen.append(x.clone())
+        return real_initialize(self, x, y)
+
+    monkeypatch.setattr(Glow, "initialize", initialize)
+    trainer = Trainer(glow, _config(tmp_path, batch_size=1, init_batch_size=24, max_steps=2), data=data)
+    trainer.run()
+    assert [x.shape[0] for x in seen] == [24]
+    log_scales = torch.cat([m.log_scale.detach().flatten() for m in trainer.model.modules()
+                            if hasattr(m, "log_scale")])
+    assert log_scales.abs().max() < 5, "ActNorm scales of a sane init"
+
+
+def test_resume_applies_new_training_options(tmp_path, digits):
+    Trainer(TINY, _config(tmp_path, max_steps=2, lr=1e-3, ema=0.9, warmup=0), data=digits).run()
+    state = load_resume_state(tmp_path / "checkpoint.pt")
+    trainer = Trainer(TINY, _config(tmp_path, max_steps=4, lr=5e-4, ema=0.5, warmup=0), data=digits,
+                      resume_state=state)
+    assert trainer.optimizer.param_groups[0]["lr"] == 5e-4 and trainer.ema.decay == 0.5
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "images_per_s" in r] == [1e-3, 1e-3, 5e-4, 5e-4]
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["train_config"]["lr"] == 5e-4 and saved["ema"]["decay"] == 0.5
+    assert saved["optimizer"]["param_groups"][0]["initial_lr"] == 5e-4
+
+
+def test_tensorboard_is_opt_in_and_gets_sample_grids(tmp_path, digits, monkeypatch):
+    import revglow.train as train_module
+
+    writers = []
+
+    class FakeWriter:
+        def __init__(self, folder, purge_step=None):
+            self.folder, self.scalars, self.images = folder, [], []
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def add_image(self, tag, image, step, dataformats="CHW"):
+            self.images.append((tag, tuple(image.shape), step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train_module, "_summary_writer_class", lambda: FakeWriter)
+    Trainer(TINY, _config(tmp_path / "off", max_steps=1), data=digits).run()
+    assert writers == []
+    Trainer(TINY, _config(tmp_path / "on", max_steps=1, tensorboard=True), data=digits).run()
+    (writer,) = writers
+    assert ("bpd", 1) in writer.scalars
+    assert sorted(tag for tag, _, _ in writer.images) == ["samples/t0.5", "samples/t0.7", "samples/t1.0"]
+    assert all(step == 1 and shape[0] == 1 for _, shape, step in writer.images)
+
+
+def test_seed_beyond_the_rng_range_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"TrainConfig.seed must be between 0 and 2\*\*32 - 1"):
+        TrainConfig(seed=2 ** 70)
