@@ -58,3 +58,165 @@ def test_ddp_gradients_match_single_process(tmp_path):
         (reference(x[rank * half:(rank + 1) * half]).mean() / WORLD).backward()
     expected = torch.cat([p.grad.flatten() for p in reference.parameters()])
     assert rel_err(torch.cat([g.flatten() for g in ddp_grads]), expected) < 1e-9
+
+
+# ------------------------------------------------------------------------------ issue 9: revglow train under torchrun
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--levels", "2", "--depth", "1", "--hidden", "8", "--batch-size", "8", "--no-progress", "--n-samples", "4",
+         "--ema", "0.9", "--warmup", "1", "--eval-every", "0", "--sample-every", "0", "--kernels", "torch"]
+
+
+def _spawn(fn, args, timeout=240):
+    """mp.spawn with a deadline: a hung collective fails the test instead of stalling the suite."""
+    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout} s")
+
+
+def _init_group(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _without_noise():
+    """Dequantization without noise, so that sharded and whole-batch computations see the same inputs."""
+    real = Glow._dequantize
+    Glow._dequantize = lambda self, x, noise=True: real(self, x, False)
+
+
+def _init_worker(rank: int, port: int, x: torch.Tensor, path: str) -> None:
+    _init_group(rank, port)
+    try:
+        _without_noise()
+        torch.manual_seed(0)
+        model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=8, kernels="torch")).double()
+        half = x.shape[0] // WORLD
+        model.initialize(x[rank * half:(rank + 1) * half])     # this rank's shard only
+        states = [None] * WORLD
+        dist.all_gather_object(states, {k: v for k, v in model.state_dict().items() if "log_scale" in k or "bias" in k})
+        if rank == 0:
+            torch.save(states, path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_actnorm_init_under_ddp_uses_the_whole_global_batch(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    x[3:] //= 4                                        # the shards differ: a per-shard init would show it
+    path = str(tmp_path / "actnorm.pt")
+    _spawn(_init_worker, (_free_port(), x, path))
+    states = torch.load(path)
+    real = Glow._dequantize
+    try:
+        _without_noise()
+        torch.manual_seed(0)
+        reference = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=8, kernels="torch")).double()
+        reference.initialize(x)
+    finally:
+        Glow._dequantize = real
+    expected = reference.state_dict()
+    for state in states:
+        # Biases of later steps are ~1e-17 (their inputs already have zero mean): compare with an absolute floor.
+        errors = {name: float((value - expected[name]).abs().max() / (1 + expected[name].abs().max()))
+                  for name, value in state.items() if "actnorm" in name}
+        assert len(errors) == 8 and max(errors.values()) < 1e-12, errors
+
+
+def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tensor) -> None:
+    _init_group(rank, port)
+    try:
+        from revglow.cli import main
+        from revglow.train import TrainConfig, Trainer
+        from revglow.data import load_dataset
+
+        assert main(["train", *TRAIN, "--max-steps", "2", "--out", out]) == 0
+        assert main(["train", "--resume", "--out", out, "--max-steps", "4", "--no-progress"]) == 0
+        # One step's gradients, averaged over the ranks, against one process on the combined batch (below).
+        _without_noise()
+        glow = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=1, hidden=8, kernels="torch", memory="reversible")
+        trainer = Trainer(glow, TrainConfig(batch_size=2, out=out + "-grads", progress=False), data=load_dataset("digits"))
+        trainer.model.initialize(x)
+        half = x.shape[0] // WORLD
+        record = trainer._train_step(x[rank * half:(rank + 1) * half], None)
+        assert "skipped" not in record
+        if rank == 0:
+            torch.save({"grads": [p.grad for p in trainer.model.parameters()], "bpd": record["bpd"]}, grads_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _losses(out: Path):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["bpd"], r["lr"], r["grad_norm"]) for r in rows if "images_per_s" in r]
+
+
+@pytest.mark.slow
+def test_torchrun_train_checkpoint_resume_and_gradients(tmp_path):
+    """`torchrun -m revglow train` for 4 steps against 2 + 2 steps with a resume in between (2 gloo processes):
+    bit for bit the same weights and losses; every rank's RNG state and the world size are in the checkpoint;
+    a step's averaged gradients equal those of one process on the combined batch."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    straight = tmp_path / "straight"
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                                 "--standalone", "-m", "revglow", "train", *TRAIN, "--max-steps", "4",
+                                 "--out", str(straight)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=tmp_path)
+    try:
+        torch.manual_seed(1)
+        x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+        resumed = tmp_path / "resumed"
+        grads_path = str(tmp_path / "grads.pt")
+        _spawn(_train_worker, (_free_port(), str(resumed), grads_path, x))
+        out, err = torchrun.communicate(timeout=240)
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+    assert torchrun.returncode == 0, err[-3000:]
+    assert out.count("revglow train: digits") == 1 and "2 processes (gloo), global batch 16 = 8 x 2" in out
+
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4 and a["world_size"] == b["world_size"] == WORLD
+    assert a["data_position"] == {"epoch": 0, "index": 64}
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert _losses(straight) == _losses(resumed) and [s for s, *_ in _losses(straight)] == [1, 2, 3, 4]
+    ranks = b["rng_per_rank"]
+    assert len(ranks) == WORLD and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert sorted(p.name for p in (resumed / "samples").iterdir())[0].startswith("step-00000002")
+
+    from revglow.data import load_dataset
+    from revglow.train import TrainConfig, Trainer
+
+    saved = torch.load(grads_path)
+    real = Glow._dequantize
+    try:
+        _without_noise()
+        glow = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=1, hidden=8, kernels="torch", memory="autograd")
+        single = Trainer(glow, TrainConfig(batch_size=4, out=str(tmp_path / "single"), progress=False),
+                         data=load_dataset("digits"))
+        single.model.initialize(x)
+        record = single._train_step(x, None)
+    finally:
+        Glow._dequantize = real
+    expected = torch.cat([p.grad.flatten() for p in single.model.parameters()])
+    assert rel_err(torch.cat([g.flatten() for g in saved["grads"]]), expected) < 1e-5
+    assert abs(saved["bpd"] - record["bpd"]) < 1e-5 * abs(record["bpd"])
