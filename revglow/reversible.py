@@ -230,13 +230,21 @@ class _RngReplay:
         return False
 
 
-def _buffer_versions(step: nn.Module) -> List[Tuple[Tensor, int]]:
-    return [(b, b._version) for b in step.buffers()]
+def _buffer_versions(step: nn.Module) -> List[Tuple[nn.Module, List[int]]]:
+    return [(m, [b._version for b in m.buffers(recurse=False)]) for m in step.modules()]
 
 
-def _changed_buffers(before: List[Tuple[Tensor, int]]) -> List[Tensor]:
-    """Buffers whose version counter moved since `before`: those the step's forward writes (running statistics)."""
-    return [b for b, version in before if b._version != version]
+def _changed_buffers(before: List[Tuple[nn.Module, List[int]]]) -> List[Tensor]:
+    """Every buffer of each module that changed a buffer in the step's forward (a version counter moved).
+
+    Whole modules, because not every in-place update moves a counter: BatchNorm's kernel updates running_mean
+    and running_var without one, and only its num_batches_tracked += 1 shows that it ran in training mode."""
+    changed: List[Tensor] = []
+    for module, versions in before:
+        buffers = list(module.buffers(recurse=False))
+        if any(b._version != v for b, v in zip(buffers, versions)):
+            changed.extend(buffers)
+    return changed
 
 
 class _BuffersKept:
