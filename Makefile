@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 # Each installs what it needs (into the active environment if it has torch, else into ./.venv).
-.PHONY: demo test test-fast bench env clean
+.PHONY: demo test test-fast bench bench-ops env clean
 
 PY = $(shell bash scripts/ensure_env.sh)
 
@@ -18,6 +18,17 @@ bench:
 	@py="$(PY)"; set -e; \
 	"$$py" benchmarks/memory_vs_depth.py; \
 	"$$py" benchmarks/step_time.py
+
+# Micro-benchmarks (pytest-benchmark) of each fused op, a flow step and a Glow training step, on CUDA when
+# available, else the CPU. Each run is saved under benchmarks/results/micro/DEVICE/ (machine info included) for
+# `pytest-benchmark compare`. BENCH_ARGS adds pytest options: BENCH_ARGS='-m "not glow256"' leaves out the
+# 256x256 cases (about 4 minutes on 2 CPU cores), BENCH_ARGS='-k actnorm' keeps one op.
+bench-ops:
+	@py="$(PY)"; set -e; \
+	dev=$$("$$py" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); \
+	"$$py" -m pytest benchmarks/test_ops.py -p no:cacheprovider --bench-device $$dev --benchmark-autosave \
+	    --benchmark-storage=benchmarks/results/micro/$$dev --benchmark-group-by=group \
+	    --benchmark-columns=min,median,max,iqr,rounds $(BENCH_ARGS)
 
 env:
 	@echo "$(PY)"

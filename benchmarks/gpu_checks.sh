@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, prepared as one call for a short device lease (about 8 minutes in all):
-#   1. the kernel and whole-model kernel tests on CUDA (the same tests CI runs under the Triton interpreter);
+# Every check that needs a GPU, prepared as one call for a short device lease (about 8 minutes in all; each step
+# has a timeout, and the steps run in order of importance, so a lease that ends early still returns the first):
+#   1. the kernel, whole-model kernel and dispatch tests on CUDA (the same tests CI runs under the Triton
+#      interpreter), and the time of kernels="auto"'s self-check;
 #   2. benchmarks/kernels.py: per-op Triton vs eager, GB/s against a copy, the 256x256 training step;
-#   3. step time and activation memory of the memory modes on the GPU, kernels triton vs torch.
+#   3. step time and activation memory of the memory modes on the GPU, kernels triton vs torch;
+#   4. the pytest-benchmark micro-benchmarks (benchmarks/test_ops.py, as `make bench-ops`), saved under
+#      $OUT/micro/ in the format `pytest-benchmark compare` reads; copy them to benchmarks/results/micro/cuda/.
 # Logs and JSON rows go to $OUT (the device tool's output folder) or benchmarks/results/gpu/.
 #   bash benchmarks/gpu_checks.sh
 set -uo pipefail
@@ -20,7 +24,19 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 status=0
 echo "== kernel tests on CUDA"
 REVGLOW_TEST_DEVICE=cuda timeout 240 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_actnorm_conv1x1.py \
-    tests/test_kernels_coupling_affine.py tests/test_model_kernels.py 2>&1 | tee "$out/tests.log" | tail -5
+    tests/test_kernels_coupling_affine.py tests/test_model_kernels.py tests/test_dispatch.py 2>&1 \
+    | tee "$out/tests.log" | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== self-check of kernels='auto' (a fresh process; Triton's disk cache is warm from the tests above)"
+timeout 60 "$py" - <<'PY' 2>&1 | tee "$out/verify.log"
+import time
+from revglow.ops.verify import verify_triton_kernels
+for call in ("first", "second"):
+    t = time.perf_counter()
+    ok, reason = verify_triton_kernels("cuda")
+    print(f"{call} call: {time.perf_counter() - t:.3f} s, ok={ok}: {reason}")
+PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernel benchmark"
@@ -36,4 +52,12 @@ done
 echo "== activation memory vs depth (CUDA)"
 timeout 120 "$py" benchmarks/memory_vs_depth.py --device cuda --depths 4 32 --results "$out/memory_vs_depth.jsonl" \
     2>&1 | tee "$out/memory.log" | tail -8
+
+# Last: the newest and least critical step. About 90 op cases at 0.1 s each plus warm-ups, and the flow-step and
+# model-level cases at a fixed few rounds (benchmarks/test_ops.py); the timeout bounds it if compiles are slow.
+echo "== micro-benchmarks (pytest-benchmark), saved under $out/micro"
+timeout 120 "$py" -m pytest -q -p no:cacheprovider benchmarks/test_ops.py --bench-device cuda --benchmark-autosave \
+    --benchmark-storage="$out/micro" --benchmark-group-by=group --benchmark-columns=min,median,max,iqr,rounds \
+    --benchmark-max-time=0.1 2>&1 | tee "$out/micro.log" | tail -60
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
