@@ -777,25 +777,30 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         return self.ddp
 
-    def _all_reduce_step(self, failure: Optional[str], loss: float) -> Tuple[Optional[str], float]:
+    def _all_reduce_step(self, failure: Optional[str], loss: Optional[torch.Tensor]) -> Tuple[Optional[str], float]:
         """Average the gradients over the ranks and agree on the step's fate, in one pass of all-reduces.
 
         The gradients are reduced here rather than by DDP's backward hooks (the backward runs under
         `no_sync`): a rank whose step failed (non-finite loss, or a numerical error in the middle of its
-        backward) still takes part, sending zeros, and every rank then skips the step together; with the
-        hooks, the others would wait forever for buckets it never reduces. The flags ride in the first bucket:
-        [failure kinds..., stop signal, loss sum].
+        backward) still takes part, and every rank then skips the step together; with the hooks, the others
+        would wait forever for buckets it never reduces. The flags ride in the first bucket, computed on the
+        device: [failure kinds..., stop signal, loss sum]; reading them back is the step's one host sync
+        before the gradient norm.
         """
         kinds = list(_ADVICE)
         params = [p for p in self.model.parameters() if p.requires_grad]
         dtype = params[0].dtype
-        flags = torch.zeros(len(kinds) + 2, dtype=dtype)
+        device = self.dist.collective_device(self.device)
+        flags = torch.zeros(len(kinds) + 2, dtype=dtype, device=device)
         if failure is not None:
             flags[kinds.index(failure)] = 1.0
+        elif loss is not None:
+            loss = loss.detach().to(device, dtype)
+            finite = torch.isfinite(loss)
+            flags[kinds.index("loss")] = (~finite).to(dtype)
+            flags[-1] = torch.where(finite, loss, torch.zeros_like(loss))
         if self._signals is not None and self._signals.received is not None:
             flags[len(kinds)] = float(self._signals.received)
-        flags[-1] = 0.0 if failure is not None else loss
-        device = self.dist.collective_device(self.device)
         buckets, bucket, size = [], [], 0
         for p in params:
             bucket.append(p)
@@ -806,57 +811,63 @@ class Trainer:
         if bucket:
             buckets.append(bucket)
         world = self.dist.world_size
+        reduced = None
         for index, bucket in enumerate(buckets):
             parts = [torch.zeros(p.numel(), dtype=dtype, device=device) if p.grad is None or failure
                      else p.grad.detach().reshape(-1).to(device, dtype) for p in bucket]
             if index == 0:
-                parts.append(flags.to(device))
+                parts.append(flags)
             flat = torch.cat(parts)
             torch.distributed.all_reduce(flat)
             if index == 0:
-                reduced = flat[-flags.numel():].cpu()
+                reduced = flat[-flags.numel():]
                 flat = flat[:-flags.numel()]
             offset = 0
             for p in bucket:
                 p.grad = (flat[offset:offset + p.numel()] / world).view_as(p).to(p.device, p.dtype)
                 offset += p.numel()
+        reduced = reduced.double().cpu().tolist()
         failed = [kinds[i] for i in range(len(kinds)) if reduced[i] > 0]
-        self._agreed_stop = int(reduced[len(kinds)].item())
+        self._agreed_stop = int(reduced[len(kinds)])
         if failure is None and failed:
             failure = failed[0]
-        return failure, float(reduced[-1]) / world
+        return failure, reduced[-1] / world
 
     def _train_step(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Dict:
         """One optimizer step; returns its metrics, with "skipped" set when it was not taken.
 
         A non-finite loss or gradient, and a numerical error raised in the forward or backward (a singular 1x1
         convolution, an input the reversible engine could not rebuild), skip the step: parameters, optimizer
-        and EMA stay as they were. Programming errors propagate.
+        and EMA stay as they were. Programming errors propagate. Under torch.distributed every rank skips
+        together, and the loss logged is the mean over the ranks.
         """
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"step": self.step + 1, "epoch": self.position.epoch, "lr": lr}
         self.optimizer.zero_grad(set_to_none=True)
         network = self._wrap_model()
-        failure, error, value = None, None, math.nan
+        failure, error, value, loss = None, None, math.nan, None
         sync = self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
         try:
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16"):
                     bpd = network(x, y)
                 loss = bpd.float().mean()
-                value = float(loss.detach())       # the one read of the loss per step (logging needs it)
-                if not math.isfinite(value):
-                    failure = "loss"
+                if self.dist.enabled:
+                    loss.backward()              # a non-finite loss is caught with the flags, without a sync here
                 else:
-                    loss.backward()
+                    value = float(loss.detach())     # the one read of the loss per step (logging needs it)
+                    if not math.isfinite(value):
+                        failure = "loss"
+                    else:
+                        loss.backward()
         except _NUMERICAL_ERRORS as exc:
             failure = ("singular" if isinstance(exc, torch.linalg.LinAlgError) else
                        "reconstruction" if isinstance(exc, ReconstructionError) else "numerical")
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         if self.dist.enabled:
             local_failure = failure
-            failure, value = self._all_reduce_step(failure, value)
-            if failure is not None and local_failure is None:
+            failure, value = self._all_reduce_step(failure, loss)
+            if failure is not None and local_failure is None and failure != "loss":
                 error = "on another process"
         record["bpd"] = value if failure is None and math.isfinite(value) else None
         if failure is not None:

@@ -156,8 +156,19 @@ def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tens
         half = x.shape[0] // WORLD
         record = trainer._train_step(x[rank * half:(rank + 1) * half], None)
         assert "skipped" not in record
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        # A numerical failure on one rank only: both skip the step together (no rank waits for the other).
+        if rank == 1:
+            def forward(self, x, y=None, context=None):
+                raise torch.linalg.LinAlgError("linalg.inv: The diagonal element 1 is zero")
+            Glow.forward = forward
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        failed = trainer._train_step(x[rank * half:(rank + 1) * half], None)
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+        records = [None] * WORLD
+        dist.all_gather_object(records, (failed, unchanged, trainer.step))
         if rank == 0:
-            torch.save({"grads": [p.grad for p in trainer.model.parameters()], "bpd": record["bpd"]}, grads_path)
+            torch.save({"grads": grads, "bpd": record["bpd"], "failed": records}, grads_path)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -220,3 +231,6 @@ def test_torchrun_train_checkpoint_resume_and_gradients(tmp_path):
     expected = torch.cat([p.grad.flatten() for p in single.model.parameters()])
     assert rel_err(torch.cat([g.flatten() for g in saved["grads"]]), expected) < 1e-5
     assert abs(saved["bpd"] - record["bpd"]) < 1e-5 * abs(record["bpd"])
+    (rank0, unchanged0, step0), (rank1, unchanged1, step1) = saved["failed"]
+    assert rank0["skipped"] == rank1["skipped"] == "singular" and unchanged0 and unchanged1 and step0 == step1 == 1
+    assert rank0["error"] == "on another process" and "LinAlgError" in rank1["error"]
