@@ -2,6 +2,9 @@
 
     torchrun --nproc_per_node 2 examples/train_ddp.py --steps 300        # CPU (gloo) or one GPU per process (nccl)
 
+(`torchrun --nproc_per_node 2 -m revglow train ...` does the same with the full trainer: checkpoints, resume,
+evaluation, samples.)
+
 Each process trains on its shard of scikit-learn's digits; DDP averages the gradients, which the reversible
 engine returns per flow step from its own autograd Function, so DDP's gradient hooks fire as in plain autograd.
 """
@@ -36,7 +39,8 @@ shard = images[rank::world].to(device)  # this process's share of the data
 torch.manual_seed(0)  # identical initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
 model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=8, hidden=64, n_bits=4,
                         memory="reversible")).to(device)
-# Data-dependent init before wrapping: DDP broadcasts rank 0's parameters and buffers (ActNorm's
+# Data-dependent init before wrapping. Inside the process group ActNorm all-reduces its statistics, so the
+# init sees every rank's 256 images; DDP then broadcasts rank 0's parameters and buffers (ActNorm's
 # `initialized` flags included) to every rank when it wraps the model.
 model.initialize(shard[:256])
 ddp = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)

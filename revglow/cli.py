@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", choices=DATASETS, default=None, help="data set (default: the one trained on)")
     evaluate.add_argument("--data-root", default=None, help="its folder or file (see revglow train --help)")
     evaluate.add_argument("--image-size", type=int, default=None, help="folder data: image size")
+    evaluate.add_argument("--skip-bad-images", action="store_true", default=None,
+                          help="folder data: leave unreadable image files out (default: as in training)")
     evaluate.add_argument("--draws", type=int, default=1, help="dequantization noise draws averaged per image")
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch")
     evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -332,7 +334,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     same = args.data is None or args.data == trained.get("data")
     root = args.data_root if args.data_root is not None else (trained.get("data_root") if same else None)
     size = args.image_size if args.image_size is not None else (trained.get("image_size") if same else None)
-    data = load_dataset(name, root, size)
+    skip = args.skip_bad_images if args.skip_bad_images is not None else bool(same and trained.get("skip_bad_images"))
+    data = load_dataset(name, root, size, skip)
     if tuple(data.image_shape) != tuple(model.config.image_shape):
         raise CommandError(f"the {name} images are {data.image_shape}; the model expects {tuple(model.config.image_shape)}")
     bpd = evaluate_bits_per_dim(model, data.test, args.batch_size, device, draws=args.draws, seed=args.seed,

@@ -279,6 +279,7 @@ def test_corrupt_image_stops_the_run_before_training(tmp_path, capsys):
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
     assert main(argv + ["--skip-bad-images"]) == 0
     assert "(1 unreadable images skipped)" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt")]) == 0          # skips as the run did
 
 
 def test_alphas_must_be_finite(digits_run, tmp_path, capsys):
