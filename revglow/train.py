@@ -699,9 +699,12 @@ class Trainer:
         test = self.data.test
         if self.dist.enabled:
             test = torch.utils.data.Subset(test, list(range(self.dist.rank, len(test), self.dist.world_size)))
-        with self._eval_context() as model:
-            local = evaluate_bits_per_dim(model, test, self.config.batch_size, self.device, draws=draws,
-                                          seed=self.config.seed + self.dist.rank, workers=self.config.workers)
+        if len(test) == 0:          # more processes than test images
+            local = torch.empty(0, dtype=torch.float64)
+        else:
+            with self._eval_context() as model:
+                local = evaluate_bits_per_dim(model, test, self.config.batch_size, self.device, draws=draws,
+                                              seed=self.config.seed + self.dist.rank, workers=self.config.workers)
         self.last_eval = torch.cat(self.dist.all_gather_object(local)) if self.dist.enabled else local
         return self.last_eval
 
