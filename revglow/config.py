@@ -61,6 +61,7 @@ class GlowConfig:
     context_channels: int = 0          # > 0: conditioned on a context map [N, this, H', W'] given to every call
     memory: str = "reversible"         # "reversible" | "checkpoint" | "autograd"
     kernels: str = "auto"              # "auto" | "torch" | "triton"
+    compile: bool = False              # torch.compile the work inside each flow step (the engine stays eager)
     # Reconstruction check of the reversible engine: at the start of each level the rebuilt input is
     # compared with a copy of one sample kept at forward time (constant memory, one sample per level).
     check_reconstruction: str = "warn"  # "off" | "warn" | "raise"
@@ -84,8 +85,9 @@ class GlowConfig:
             raise ValueError(f"GlowConfig.n_bits must be between 1 and 8; got {self.n_bits}")
         _check_int("num_classes", self.num_classes, 0)
         _check_int("context_channels", self.context_channels, 0)
-        if not isinstance(self.learn_top, bool):
-            raise TypeError(f"GlowConfig.learn_top must be a bool; got {type(self.learn_top).__name__}")
+        for name in ("learn_top", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GlowConfig.{name} must be a bool; got {type(getattr(self, name)).__name__}")
         factor = 2 ** self.levels
         if h % factor or w % factor or h < factor or w < factor:
             raise ValueError(

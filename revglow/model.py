@@ -56,7 +56,7 @@ class Glow(nn.Module):
             steps = []
             for _ in range(config.depth):
                 steps.append(FlowStep(c, config.hidden, config.coupling, config.permutation, config.kernels, seed,
-                                      context_channels=config.context_channels))
+                                      context_channels=config.context_channels, compile=config.compile))
                 seed += 1
             self.flows.append(ReversibleSequence(steps, config.memory, config.check_reconstruction,
                                                  config.reconstruction_tol))

@@ -11,9 +11,10 @@ from torch import nn
 
 from revglow.layers.base import InvertibleModule
 from revglow.ops import coupling_affine as ops
+from revglow.ops.compiled import maybe_compiled
 from revglow.ops.dispatch import resolve_backend
 
-__all__ = ["CouplingNetwork", "Coupling", "flow_autocast_off"]
+__all__ = ["CouplingNetwork", "Coupling", "flow_autocast_off", "coupling_network"]
 
 
 def flow_autocast_off(x: torch.Tensor):
@@ -40,10 +41,20 @@ class CouplingNetwork(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x):
-        h = F.relu(self.conv_in(x))
-        h = F.relu(self.conv_hidden(h))
-        return self.conv_out(h)
+    def weights(self):
+        return (self.conv_in.weight, self.conv_in.bias, self.conv_hidden.weight, self.conv_hidden.bias,
+                self.conv_out.weight, self.conv_out.bias)
+
+    def forward(self, x, compile: bool = False):
+        return maybe_compiled(coupling_network, compile)(x, *self.weights())
+
+
+def coupling_network(x, w_in, b_in, w_hidden, b_hidden, w_out, b_out):
+    """CouplingNetwork's computation as a pure function of its weights (what torch.compile compiles once for
+    every step of a level)."""
+    h = F.relu(F.conv2d(x, w_in, b_in, padding=1))
+    h = F.relu(F.conv2d(h, w_hidden, b_hidden))
+    return F.conv2d(h, w_out, b_out, padding=1)
 
 
 class Coupling(InvertibleModule):
@@ -55,7 +66,7 @@ class Coupling(InvertibleModule):
     """
 
     def __init__(self, channels: int, hidden: int, kind: str = "affine", kernels: str = "auto",
-                 context_channels: int = 0):
+                 context_channels: int = 0, compile: bool = False):
         super().__init__()
         if channels < 2:
             raise ValueError(f"a coupling layer needs at least 2 channels; got {channels}")
@@ -64,6 +75,7 @@ class Coupling(InvertibleModule):
         self.kind = kind
         self.kernels = kernels
         self.context_channels = context_channels
+        self.compile = compile
         self.channels_b = channels // 2
         self.channels_a = channels - self.channels_b
         out = 2 * self.channels_a if kind == "affine" else self.channels_a
@@ -75,10 +87,17 @@ class Coupling(InvertibleModule):
                              f"{'without' if context is None else 'with'} a context")
         return xb if context is None else torch.cat([xb, context.to(xb.dtype)], dim=1)
 
+    def _network(self, xb, context):
+        net_input = self._network_input(xb, context)
+        if isinstance(self.nn, CouplingNetwork):
+            return self.nn(net_input, compile=self.compile)
+        return self.nn(net_input)   # a network the user put in its place
+
     def _couple(self, x, context, inverse: bool):
-        h = self.nn(self._network_input(x[:, :self.channels_b], context))
+        h = self._network(x[:, :self.channels_b], context)
         with flow_autocast_off(x):
-            return ops.couple(x, h, self.channels_b, self.kind, resolve_backend(self.kernels, x), inverse=inverse)
+            return ops.couple(x, h, self.channels_b, self.kind, resolve_backend(self.kernels, x), inverse=inverse,
+                              compile=self.compile)
 
     def forward(self, x, context=None):
         return self._couple(x, context, inverse=False)
@@ -90,10 +109,11 @@ class Coupling(InvertibleModule):
         # The network output used to invert the step is the one differentiated through: NN runs once.
         xb = y[:, :self.channels_b].detach().requires_grad_(True)
         with torch.enable_grad():
-            h = self.nn(self._network_input(xb, context))
-        with flow_autocast_off(y):
+            h = self._network(xb, context)
+        with flow_autocast_off(y), torch.no_grad():   # closed-form math: nothing to record
             x, grad_x, grad_h = ops.couple_reversible_backward(y, h.detach(), grad_y, grad_logdet, self.channels_b,
-                                                               self.kind, resolve_backend(self.kernels, y))
+                                                               self.kind, resolve_backend(self.kernels, y),
+                                                               compile=self.compile)
         params = [p for p in self.nn.parameters() if p.requires_grad]
         wants_context = context is not None and context.requires_grad
         inputs = [xb] + ([context] if wants_context else []) + params

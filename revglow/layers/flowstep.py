@@ -34,12 +34,13 @@ class FlowStep(InvertibleModule):
     """
 
     def __init__(self, channels: int, hidden: int, coupling: str = "affine", permutation: str = "invconv_lu",
-                 kernels: str = "auto", seed: int = 0, context_channels: int = 0):
+                 kernels: str = "auto", seed: int = 0, context_channels: int = 0, compile: bool = False):
         super().__init__()
         self.kernels = kernels
+        self.compile = compile   # torch.compile the work of the step (revglow.ops.compiled)
         self.actnorm = ActNorm(channels)
         self.mixing = make_channel_mixing(permutation, channels, seed)
-        self.coupling = Coupling(channels, hidden, coupling, kernels, context_channels)
+        self.coupling = Coupling(channels, hidden, coupling, kernels, context_channels, compile)
 
     def _scale_bias_weight(self, x):
         return (self.actnorm.scale().to(x.dtype), self.actnorm.bias.to(x.dtype),
@@ -56,7 +57,7 @@ class FlowStep(InvertibleModule):
             if not self.actnorm.is_initialized:
                 self.actnorm.initialize_from(x)
             s, b, w = self._scale_bias_weight(x)
-            z = ops.actnorm_conv1x1(x, s, b, w, backend=resolve_backend(self.kernels, x))
+            z = ops.actnorm_conv1x1(x, s, b, w, backend=resolve_backend(self.kernels, x), compile=self.compile)
             logdet = self._mixing_logdet(x)
         y, logdet_coupling = self.coupling(z, context)
         return y, logdet + logdet_coupling
@@ -68,7 +69,7 @@ class FlowStep(InvertibleModule):
         with flow_autocast_off(y):
             s, b, _ = self._scale_bias_weight(y)
             w_inv = self.mixing.weight_inverse().to(y.dtype)
-            x = ops.actnorm_conv1x1_inverse(z, s, b, w_inv, resolve_backend(self.kernels, y))
+            x = ops.actnorm_conv1x1_inverse(z, s, b, w_inv, resolve_backend(self.kernels, y), compile=self.compile)
             return x, self._mixing_logdet(y) + logdet_coupling
 
     def inverse_vjp(self, y, grad_y, grad_logdet, context: Optional[torch.Tensor] = None):
@@ -77,8 +78,10 @@ class FlowStep(InvertibleModule):
         with flow_autocast_off(y), torch.enable_grad():
             s, b, w = self._scale_bias_weight(y)
             w_inv = self.mixing.weight_inverse().to(y.dtype)
-            x, grad_x, grad_s, grad_b, grad_w = ops.actnorm_conv1x1_reversible_backward(
-                z, grad_z, s.detach(), b.detach(), w.detach(), w_inv, resolve_backend(self.kernels, y))
+            with torch.no_grad():   # closed-form math: nothing to record
+                x, grad_x, grad_s, grad_b, grad_w = ops.actnorm_conv1x1_reversible_backward(
+                    z, grad_z, s.detach(), b.detach(), w.detach(), w_inv, resolve_backend(self.kernels, y),
+                    compile=self.compile)
             # The log-determinant depends on the parameters only: differentiate its small graph directly.
             per_pixel = self._mixing_logdet_per_pixel()
             grad_per_pixel = (grad_logdet.sum() * (y.shape[2] * y.shape[3])).to(per_pixel.dtype)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from revglow.ops.compiled import maybe_compiled
+
 __all__ = [
     "channel_mix", "invert_weight", "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
     "actnorm_conv1x1_reversible_backward_reference",
@@ -62,7 +64,7 @@ def actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight
     return x, grad_x, grad_scale, grad_bias, grad_weight
 
 
-def actnorm_conv1x1(x, scale, bias, weight, weight_inv=None, backend: str = "torch"):
+def actnorm_conv1x1(x, scale, bias, weight, weight_inv=None, backend: str = "torch", compile: bool = False):
     """Differentiable forward (plain autograd on the torch path). The Triton path's backward rebuilds its input
     with W^-1 (`weight_inv`; inverted from `weight` when not given, only when a graph is built)."""
     if backend == "triton":
@@ -70,18 +72,20 @@ def actnorm_conv1x1(x, scale, bias, weight, weight_inv=None, backend: str = "tor
         if weight_inv is None and torch.is_grad_enabled():
             weight_inv = invert_weight(weight)
         return actnorm_conv1x1_triton(x, scale, bias, weight, weight_inv)
-    return actnorm_conv1x1_reference(x, scale, bias, weight)
+    return maybe_compiled(actnorm_conv1x1_reference, compile)(x, scale, bias, weight)
 
 
-def actnorm_conv1x1_inverse(y, scale, bias, weight_inv, backend: str = "torch"):
+def actnorm_conv1x1_inverse(y, scale, bias, weight_inv, backend: str = "torch", compile: bool = False):
     if backend == "triton":
         from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_inverse_launch
         return actnorm_conv1x1_inverse_launch(y, scale, bias, weight_inv)
-    return actnorm_conv1x1_inverse_reference(y, scale, bias, weight_inv)
+    return maybe_compiled(actnorm_conv1x1_inverse_reference, compile)(y, scale, bias, weight_inv)
 
 
-def actnorm_conv1x1_reversible_backward(y, grad_y, scale, bias, weight, weight_inv, backend: str = "torch"):
+def actnorm_conv1x1_reversible_backward(y, grad_y, scale, bias, weight, weight_inv, backend: str = "torch",
+                                        compile: bool = False):
     if backend == "triton":
         from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_reversible_backward_launch
         return actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv)
-    return actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight, weight_inv)
+    return maybe_compiled(actnorm_conv1x1_reversible_backward_reference, compile)(y, grad_y, scale, bias, weight,
+                                                                                  weight_inv)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from revglow.ops.compiled import compiled
+
 __all__ = [
     "coupling_affine_reference", "coupling_affine_inverse_reference",
     "coupling_affine_reversible_backward_reference",
@@ -114,11 +116,14 @@ def _in_place(kind: str, backend: str) -> bool:
     return backend == "triton" and kind == "affine"
 
 
-def couple(x, h, channels_b: int, kind: str = "affine", backend: str = "torch", inverse: bool = False):
+def couple(x, h, channels_b: int, kind: str = "affine", backend: str = "torch", inverse: bool = False,
+           compile: bool = False):
     """(cat(x_b, T(x_a; h)), logdet of T) with x_b = x[:, :channels_b], or T^-1 with `inverse=True`.
 
     Outside autograd the Triton kernel writes the transformed half straight into the output, in place of a
-    torch.cat (one read and one write of it fewer)."""
+    torch.cat (one read and one write of it fewer). `compile` runs the torch path under torch.compile."""
+    if compile and backend == "torch":
+        return compiled(_couple_torch)(x, h, channels_b, kind, inverse)
     forward, backward_map, _ = _TRANSFORMS[kind]
     transform = backward_map if inverse else forward
     xb, xa = x[:, :channels_b], x[:, channels_b:]
@@ -132,12 +137,20 @@ def couple(x, h, channels_b: int, kind: str = "affine", backend: str = "torch", 
     return torch.cat([xb, za], dim=1), logdet
 
 
+def _couple_torch(x, h, channels_b: int, kind: str, inverse: bool):
+    forward, backward_map, _ = _TRANSFORMS[kind]
+    za, logdet = (backward_map if inverse else forward)(x[:, channels_b:], h)
+    return torch.cat([x[:, :channels_b], za], dim=1), logdet
+
+
 def couple_reversible_backward(y, h, grad_y, grad_logdet, channels_b: int, kind: str = "affine",
-                               backend: str = "torch"):
+                               backend: str = "torch", compile: bool = False):
     """From y = couple(x, h), dL/dy and dL/dlogdet: (x, g, dL/dh), where g is dL/dx except for the path through h:
     g[:, :channels_b] = dL/dy_b (the caller adds dL/dx_b through the network in place), g[:, channels_b:] = dL/dx_a.
 
     On Triton the kernel writes x_a and dL/dx_a straight into x and g, in place of two torch.cat."""
+    if compile and backend == "torch":
+        return compiled(_couple_reversible_backward_torch)(y, h, grad_y, grad_logdet, channels_b, kind)
     _, _, reversible_backward = _TRANSFORMS[kind]
     yb, ya = y[:, :channels_b], y[:, channels_b:]
     grad_yb, grad_ya = grad_y[:, :channels_b], grad_y[:, channels_b:]
@@ -151,3 +164,9 @@ def couple_reversible_backward(y, h, grad_y, grad_logdet, channels_b: int, kind:
         return x, grad_x, grad_h
     xa, grad_xa, grad_h = reversible_backward(ya, h, grad_ya, grad_logdet, backend)
     return torch.cat([yb, xa], dim=1), torch.cat([grad_yb, grad_xa], dim=1), grad_h
+
+
+def _couple_reversible_backward_torch(y, h, grad_y, grad_logdet, channels_b: int, kind: str):
+    _, _, reversible_backward = _TRANSFORMS[kind]
+    xa, grad_xa, grad_h = reversible_backward(y[:, channels_b:], h, grad_y[:, channels_b:], grad_logdet)
+    return (torch.cat([y[:, :channels_b], xa], dim=1), torch.cat([grad_y[:, :channels_b], grad_xa], dim=1), grad_h)

@@ -1,0 +1,90 @@
+"""Training-step time of a Glow with `GlowConfig(compile=True)` against the same model eager, side by side.
+
+Both models hold identical weights and see the same batches; after the warm-up (whose first step includes the
+compilation, reported separately) the two run interleaved, round after round, and the medians are compared.
+
+    python benchmarks/compile_step.py [--rounds 10] [--device cuda] [--memory reversible]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import append_rows, environment  # noqa: E402
+from revglow import Glow, GlowConfig  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--memory", default="reversible")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernels", default="torch")
+    parser.add_argument("--results", default="compile_step.jsonl",
+                        help="JSON-lines file to append to (a bare name goes to benchmarks/results/)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    shape = (3, args.image_size, args.image_size)
+    x = torch.randint(0, 256, (args.batch_size,) + shape, dtype=torch.uint8, device=device)
+    models = {}
+    for name in ("eager", "compiled"):
+        cfg = GlowConfig(image_shape=shape, levels=args.levels, depth=args.depth, hidden=args.hidden,
+                         memory=args.memory, kernels=args.kernels, compile=name == "compiled")
+        models[name] = Glow(cfg).to(device)
+    models["eager"].initialize(x)
+    models["compiled"].load_state_dict(models["eager"].state_dict())
+
+    def step(model):
+        for p in model.parameters():
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(x).mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    first = {name: step(model) for name, model in models.items()}   # includes compilation
+    times = {name: [] for name in models}
+    for r in range(args.warmup + args.rounds):
+        for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+            t = step(models[name])
+            if r >= args.warmup:
+                times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    env = environment(args.device)
+    print(f"training step, {args.image_size}x{args.image_size}x3, L={args.levels}, K={args.depth}, width "
+          f"{args.hidden}, batch {args.batch_size}, memory={args.memory}, device {args.device}, {args.rounds} "
+          f"interleaved rounds, {env['threads']} threads, torch {torch.__version__}")
+    print(f"first compiled step (compilation included): {first['compiled']:.1f} s; first eager step "
+          f"{first['eager']:.2f} s")
+    for name in models:
+        print(f"{name:>9}: median {med[name] * 1e3:8.1f} ms (min {min(times[name]) * 1e3:.1f}, "
+              f"max {max(times[name]) * 1e3:.1f})")
+    print(f"compiled / eager: {med['compiled'] / med['eager']:.3f}")
+    rows = [{**env, "benchmark": "compile_step", "variant": k, "median_s": med[k], "first_step_s": first[k],
+             "device": args.device, "memory": args.memory, "image_size": args.image_size, "levels": args.levels,
+             "depth": args.depth, "hidden": args.hidden, "batch": args.batch_size, "rounds": args.rounds}
+            for k in models]
+    print(f"rows appended to {append_rows(args.results, rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
