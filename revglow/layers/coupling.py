@@ -11,7 +11,7 @@ from torch import nn
 
 from revglow.layers.base import InvertibleModule
 from revglow.ops import coupling_affine as ops
-from revglow.ops.compiled import maybe_compiled
+from revglow.ops.compiled import compiled
 from revglow.ops.dispatch import resolve_backend
 
 __all__ = ["CouplingNetwork", "Coupling", "flow_autocast_off", "coupling_network"]
@@ -46,7 +46,12 @@ class CouplingNetwork(nn.Module):
                 self.conv_out.weight, self.conv_out.bias)
 
     def forward(self, x, compile: bool = False):
-        return maybe_compiled(coupling_network, compile)(x, *self.weights())
+        if compile:
+            return compiled(coupling_network)(x, *self.weights())
+        # eager: through the submodules, so hooks on them and submodules a user swapped in keep working
+        h = F.relu(self.conv_in(x))
+        h = F.relu(self.conv_hidden(h))
+        return self.conv_out(h)
 
 
 def coupling_network(x, w_in, b_in, w_hidden, b_hidden, w_out, b_out):
