@@ -572,8 +572,12 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.bad_steps = 0
-        self.warmup = 0 if config.warmup is None else config.warmup
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # The schedule reads the warm-up from a list, not from self: a bound method would tie the trainer into a
+        # reference cycle (trainer -> scheduler -> trainer), and with it the DataLoader's worker processes.
+        self._warmup_steps = [0 if config.warmup is None else config.warmup]
+        warmup_steps = self._warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps[0])))
         self.ema = ExponentialMovingAverage(self.model, config.ema) if config.ema is not None else None
         self.last_eval: Optional[torch.Tensor] = None
         self.sample_paths: List[Path] = []
@@ -597,8 +601,14 @@ class Trainer:
             device = torch.device("cuda", self.dist.local_rank)   # one GPU per process
         return device
 
-    def _lr_factor(self, step: int) -> float:
-        return min(1.0, (step + 1) / max(1, self.warmup))
+    @property
+    def warmup(self) -> int:
+        """Linear learning-rate warm-up, in steps (resolved from TrainConfig.warmup)."""
+        return self._warmup_steps[0]
+
+    @warmup.setter
+    def warmup(self, steps: int) -> None:
+        self._warmup_steps[0] = int(steps)
 
     def _apply_learning_rate(self) -> None:
         """The configured --lr and warm-up, from the scheduler's step on (LambdaLR's own formula, so an
@@ -606,7 +616,7 @@ class Trainer:
         self.scheduler.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.config.lr
-            group["lr"] = self.config.lr * self._lr_factor(self.scheduler.last_epoch)
+            group["lr"] = self.config.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
     def _total_steps(self) -> int:
         """--max-steps, or the steps that finish --epochs passes from the current data position."""
