@@ -8,7 +8,7 @@ PY = $(shell bash scripts/ensure_env.sh)
 # print its test bits/dim beside a per-pixel baseline, then draw a grid of samples.
 demo:
 	@py="$(PY)"; set -e; \
-	"$$py" -m revglow train --out runs/demo --lr 3e-3 --max-steps 1200; \
+	"$$py" -m revglow train --out runs/demo --overwrite --lr 3e-3 --max-steps 1200; \
 	"$$py" -m revglow sample --checkpoint runs/demo/checkpoint.pt --n 64 --temperature 0.7 --out runs/demo/samples.png
 
 test:

@@ -23,6 +23,8 @@ from common import append_rows, environment  # noqa: E402
 from revglow import Glow, GlowConfig  # noqa: E402
 
 MODES = ("autograd", "checkpoint", "reversible")
+# The reversible mode once more without the reconstruction check and RNG replay: the price of both, side by side.
+BARE = "reversible-bare"
 
 
 def main(argv=None) -> int:
@@ -45,15 +47,19 @@ def main(argv=None) -> int:
     shape = (3, args.image_size, args.image_size)
     models = {}
     state = None
-    for mode in MODES:
-        cfg = GlowConfig(image_shape=shape, levels=args.levels, depth=args.depth, hidden=args.hidden, memory=mode,
-                         kernels=args.kernels)
+    for mode in MODES + (BARE,):
+        cfg = GlowConfig(image_shape=shape, levels=args.levels, depth=args.depth, hidden=args.hidden,
+                         memory=mode.replace("-bare", ""), kernels=args.kernels,
+                         check_reconstruction="off" if mode == BARE else "warn")
         model = Glow(cfg).to(device)
         if state is None:
             x = torch.randint(0, 256, (args.batch_size,) + shape, dtype=torch.uint8, device=device)
             model.initialize(x)
             state = model.state_dict()
         model.load_state_dict(state)
+        if mode == BARE:
+            for flow in model.flows:
+                flow.preserve_rng_state = False
         models[mode] = model
 
     def step(model):
@@ -67,9 +73,10 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    times = {m: [] for m in MODES}
+    variants = MODES + (BARE,)
+    times = {m: [] for m in variants}
     for r in range(args.warmup + args.rounds):
-        order = MODES if r % 2 == 0 else tuple(reversed(MODES))
+        order = variants if r % 2 == 0 else tuple(reversed(variants))
         for mode in order:
             t = step(models[mode])
             if r >= args.warmup:
@@ -81,17 +88,18 @@ def main(argv=None) -> int:
     print(f"training step (forward + backward), {args.image_size}x{args.image_size}x3, L={args.levels}, "
           f"K={args.depth}, width {args.hidden}, batch {args.batch_size}, device {args.device}, "
           f"{args.rounds} interleaved rounds, {env['threads']} threads")
-    print(f"{'mode':>11} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
-    for m in MODES:
-        print(f"{m:>11} {med[m] * 1e3:10.1f} {spread[m][0] * 1e3:8.1f} {spread[m][1] * 1e3:8.1f}")
+    print(f"{'mode':>15} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+    for m in variants:
+        print(f"{m:>15} {med[m] * 1e3:10.1f} {spread[m][0] * 1e3:8.1f} {spread[m][1] * 1e3:8.1f}")
     r_auto = med["reversible"] / med["autograd"]
     r_ckpt = med["reversible"] / med["checkpoint"]
+    print(f"reversible / reversible without check and RNG replay: {med['reversible'] / med[BARE]:.3f}")
     print(f"reversible / autograd:   {r_auto:.3f} (target <= 1.25) {'PASS' if r_auto <= 1.25 else 'FAIL'}")
     print(f"reversible / checkpoint: {r_ckpt:.3f} (target <= 1.00) {'PASS' if r_ckpt <= 1.0 else 'FAIL'}")
     rows = [{**env, "benchmark": "step_time", "mode": m, "median_s": med[m], "min_s": spread[m][0],
              "max_s": spread[m][1], "device": args.device, "kernels": args.kernels, "image_size": args.image_size,
              "levels": args.levels, "depth": args.depth, "hidden": args.hidden, "batch": args.batch_size,
-             "rounds": args.rounds} for m in MODES]
+             "rounds": args.rounds} for m in variants]
     print(f"rows appended to {append_rows(args.results, rows)}")
     return 0 if (r_auto <= 1.25 and r_ckpt <= 1.0) else 1
 

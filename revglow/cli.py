@@ -46,6 +46,7 @@ _HELP = {
     "num_classes": "> 0: class-conditional prior (the data set must have labels)",
     "memory": "how training keeps activations: reversible (constant in depth), checkpoint or autograd",
     "kernels": "fused Triton kernels on CUDA (auto), or force torch/triton",
+    "compile": "torch.compile the work inside each flow step (pays on long runs: the first step compiles)",
     "check_reconstruction": "check of the reversible engine's rebuilt inputs",
     "reconstruction_tol": "relative error above which that check fires",
     "data": "data set (read from local files only)",
@@ -164,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--check-reconstruction, --reconstruction-tol)")
     train.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
                        help="print the resolved model and training configuration as JSON and exit")
-    _add_dataclass_flags(train, GlowConfig, skip=("image_shape",))
+    # context_channels: the command line has no source of conditioning maps (see
+    # examples/train_conditional_digits.py for a conditional flow trained from Python)
+    _add_dataclass_flags(train, GlowConfig, skip=("image_shape", "context_channels"))
     _add_dataclass_flags(train, TrainConfig, skip=("resume",))
 
     evaluate = commands.add_parser("eval", help="test-set bits/dim of a checkpoint")

@@ -76,7 +76,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 MAX_SEED = 2 ** 32 - 1          # numpy's global RNG takes seeds below 2**32
 # GlowConfig fields that say how the model runs, not what it computes: they may change on --resume.
-RESUME_GLOW_FIELDS = ("memory", "kernels", "check_reconstruction", "reconstruction_tol")
+RESUME_GLOW_FIELDS = ("memory", "kernels", "compile", "check_reconstruction", "reconstruction_tol")
 # What `revglow train` writes into --out (what --overwrite removes; anything else there is left alone).
 _RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)
 _RUN_FOLDERS = ("samples", "tensorboard")
@@ -892,6 +892,7 @@ class Trainer:
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))  # one device sync
         record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else None
+        record.update(self._reconstruction_errors())
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             record["skipped"] = "gradient"
@@ -902,6 +903,17 @@ class Trainer:
             self.ema.update()
         self.step += 1
         return record
+
+    def _reconstruction_errors(self) -> Dict:
+        """Per level, the worst per-sample relative error of the input the reversible backward rebuilt in this
+        step (the engine keeps them on the device; read together, after the gradient norm has synced anyway)."""
+        errors = self.model.reconstruction_errors()
+        present = [e for e in errors if e is not None]
+        if not present:
+            return {}
+        worst = torch.stack([e.detach().max().float() for e in present]).tolist()
+        values = iter(worst)
+        return {"reconstruction_error": [next(values) if e is not None else None for e in errors]}
 
     def _prepare_out_folder(self) -> None:
         """Rank 0, before anything is written: remove temp files of killed saves; on --overwrite remove the

@@ -33,7 +33,8 @@ def test_step_time_script(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reversible / autograd" in out and "reversible / checkpoint" in out
     rows = _rows(results)
-    assert sorted(r["mode"] for r in rows) == ["autograd", "checkpoint", "reversible"]
+    assert sorted(r["mode"] for r in rows) == ["autograd", "checkpoint", "reversible", "reversible-bare"]
+    assert "reversible / reversible without check and RNG replay" in out
     assert all(r["median_s"] > 0 and r["git"] and r["torch"] for r in rows)
 
 

@@ -382,3 +382,17 @@ def test_tensorboard_is_opt_in_and_gets_sample_grids(tmp_path, digits, monkeypat
 def test_seed_beyond_the_rng_range_is_one_clear_error():
     with pytest.raises(ValueError, match=r"TrainConfig.seed must be between 0 and 2\*\*32 - 1"):
         TrainConfig(seed=2 ** 70)
+
+
+def test_metrics_log_the_reconstruction_error_of_each_level(tmp_path, digits):
+    Trainer(TINY, _config(tmp_path, max_steps=2), data=digits).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "images_per_s" in r]
+    assert len(steps) == 2
+    for row in steps:
+        errors = row["reconstruction_error"]
+        assert len(errors) == TINY.levels and all(0 <= e < 1e-4 for e in errors)   # float32: exact to rounding
+    off = GlowConfig(**{**TINY.to_dict(), "image_shape": TINY.image_shape, "check_reconstruction": "off"})
+    Trainer(off, _config(tmp_path / "off", max_steps=1), data=digits).run()
+    rows = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reconstruction_error" not in r for r in rows)
