@@ -6,7 +6,9 @@ constant in depth, plus fused Triton kernels.
 """
 from revglow.config import GlowConfig
 from revglow.model import Glow
-from revglow.reversible import ReconstructionError, ReconstructionWarning, ReversibleSequence
+from revglow.layers.coupling import AdditiveCoupling, AffineCoupling, TwoNetworkCoupling
+from revglow.reversible import ReconstructionError, ReconstructionWarning, ReversibleSequence, StepContractError
 
-__all__ = ["Glow", "GlowConfig", "ReversibleSequence", "ReconstructionError", "ReconstructionWarning"]
+__all__ = ["Glow", "GlowConfig", "ReversibleSequence", "ReconstructionError", "ReconstructionWarning",
+           "StepContractError", "AdditiveCoupling", "AffineCoupling", "TwoNetworkCoupling"]
 __version__ = "0.1.0"

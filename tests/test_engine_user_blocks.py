@@ -52,7 +52,7 @@ class AdditiveBlock(nn.Module):
 def _dropout_flow_step(channels=4, p=0.3, seed=0):
     """Glow's own FlowStep (whose coupling has a hand-written inverse_vjp), with dropout in its network."""
     step = FlowStep(channels, hidden=8, kernels="torch", seed=seed)
-    net = step.coupling.nn
+    net = step.coupling.net
     net.conv_hidden = nn.Sequential(net.conv_hidden, nn.Dropout(p))
     return step
 
