@@ -35,6 +35,8 @@ from typing import Dict, Iterable, List, Optional, Union
 import numpy as np
 import torch
 
+from .errors import RevglowError
+
 __all__ = [
     "FORMAT_KEY",
     "FORMAT_NAME",
@@ -62,7 +64,7 @@ _TEMP_FILE = re.compile(r"^\.checkpoint(-\d+)?\.pt\..+\.tmp$")
 _CRC_CHUNK = 1 << 22
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RevglowError, ValueError):
     """A checkpoint file is missing, truncated, corrupt or not a revglow checkpoint."""
 
 

@@ -1,7 +1,8 @@
 """The `revglow` command line: train, eval, sample, interpolate, manipulate.
 
 The training flags are built from the fields of GlowConfig and TrainConfig (dataclasses.fields), so
-every option of either has exactly one flag, named after the field (`--n-bits`, `--batch-size`, ...).
+every option of either has exactly one flag, named after the field (`--n-bits`, `--batch-size`, ...), with the
+help text and choices that the field's metadata carries (revglow.config.option).
 
 Example:
     $ revglow train --max-steps 1500 --out runs/digits
@@ -23,66 +24,21 @@ from typing import List, Optional, Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .config import COUPLINGS, KERNEL_BACKENDS, MEMORY_MODES, PERMUTATIONS, RECONSTRUCTION_CHECKS, GlowConfig
-from .data import DATASETS, load_dataset
-from .train import TrainingInterrupted
+from .config import DATASETS, MAX_SEED, GlowConfig, TrainConfig
+from .data import load_dataset
+from .errors import RevglowError
+from .latents import attribute_direction, encode_images, interpolate_latents, mean_latents, move_latents
+from .signals import TrainingInterrupted
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS = ("train", "eval", "sample", "interpolate", "manipulate")
 
-_CHOICES = {
-    "coupling": COUPLINGS, "permutation": PERMUTATIONS, "memory": MEMORY_MODES, "kernels": KERNEL_BACKENDS,
-    "check_reconstruction": RECONSTRUCTION_CHECKS, "data": DATASETS, "amp": ("off", "bf16"),
-}
-_HELP = {
-    "levels": "number of scales L (H and W must be divisible by 2**L)",
-    "depth": "flow steps K per level",
-    "hidden": "channels of the coupling networks",
-    "coupling": "coupling layer",
-    "permutation": "channel permutation between couplings",
-    "n_bits": "bits per channel the images are reduced to",
-    "learn_top": "learned top prior instead of N(0, I)",
-    "num_classes": "> 0: class-conditional prior (the data set must have labels)",
-    "memory": "how training keeps activations: reversible (constant in depth), checkpoint or autograd",
-    "kernels": "fused Triton kernels on CUDA (auto), or force torch/triton",
-    "compile": "torch.compile the work inside each flow step (pays on long runs: the first step compiles)",
-    "check_reconstruction": "check of the reversible engine's rebuilt inputs",
-    "reconstruction_tol": "relative error above which that check fires",
-    "data": "data set (read from local files only)",
-    "data_root": "cifar10: folder with the python batches; folder: image folder; npz: the .npz file",
-    "image_size": "folder data: resize (shorter side) and centre-crop images to this size",
-    "batch_size": "images per step",
-    "lr": "Adam learning rate",
-    "warmup": "linear learning-rate warm-up, in steps (default: min(200, total steps // 10))",
-    "grad_clip": "clip the global gradient norm to this ('none': no clipping)",
-    "max_steps": "total optimizer steps (default 1500 unless --epochs)",
-    "epochs": "train this many passes over the train split instead of --max-steps",
-    "seed": "seed of the data order, initialization and dequantization noise",
-    "device": "auto (cuda if available), cpu, cuda, cuda:N",
-    "amp": "bf16: autocast the model call to bfloat16 (the flow itself stays float32)",
-    "ema": "Polyak averaging decay of the weights used for eval and samples ('none': off)",
-    "out": "output folder (default runs/DATA)",
-    "workers": "DataLoader worker processes",
-    "eval_every": "steps between test evaluations (0: only at the end)",
-    "sample_every": "steps between sample grids (0: only at the end)",
-    "checkpoint_every": "steps between checkpoints (0: only at the end)",
-    "keep": "how many checkpoint-STEP.pt files to keep",
-    "max_bad_steps": "stop after this many non-finite steps in a row",
-    "n_samples": "images per sample grid",
-    "progress": "show a progress bar",
-    "overwrite": "start afresh in an --out that holds a run (its checkpoints, metrics and samples are removed)",
-    "init_batch_size": "images for ActNorm's data-dependent init, may exceed --batch-size (the paper's code uses "
-                       "256; default: one global batch)",
-    "skip_bad_images": "folder data: leave unreadable image files out (counted) instead of stopping",
-    "tensorboard": "also write TensorBoard events to OUT/tensorboard (scalars and sample grids)",
-}
 # Model flags whose default depends on --data (revglow.train.MODEL_DEFAULTS); --print-config shows the result.
 _DATA_DEPENDENT = ("levels", "depth", "hidden", "n_bits")
-_MAX_SEED = 2 ** 32 - 1
 
 
-class CommandError(Exception):
+class CommandError(RevglowError):
     """A problem with what the user asked for; printed as one line, exit status 1."""
 
 
@@ -116,7 +72,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[st
             continue
         flag = "--" + item.name.replace("_", "-")
         default = item.default if item.default is not MISSING else None
-        help_text = _HELP.get(item.name, "")
+        help_text = item.metadata.get("help", "")
         if cls is GlowConfig and item.name in _DATA_DEPENDENT:
             default = _data_dependent_default(item.name, default)
         base, convert = _flag_type(item.name, hints[item.name])
@@ -124,7 +80,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[st
             group.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"{help_text} (default: {default})")
         else:
-            kwargs = {"choices": _CHOICES[item.name]} if item.name in _CHOICES else {}
+            kwargs = {"choices": item.metadata["choices"]} if "choices" in item.metadata else {}
             group.add_argument(flag, dest=item.name, type=convert, default=argparse.SUPPRESS,
                                metavar=None if kwargs else item.name.upper(),
                                help=f"{help_text} (default: {default})", **kwargs)
@@ -151,8 +107,6 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `revglow` argument parser with its five commands."""
-    from .train import TrainConfig
-
     parser = argparse.ArgumentParser(prog="revglow", description="Glow normalizing flows: train, evaluate, "
                                      "sample, interpolate and manipulate images.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -214,7 +168,7 @@ _FIXED_ON_RESUME = ("data", "image_size", "seed")
 
 def _train_configs(given: dict):
     """(GlowConfig, TrainConfig, data, resume state) from the flags given."""
-    from .train import (RESUME_GLOW_FIELDS, TrainConfig, check_out_folder, default_glow_config, load_resume_state,
+    from .train import (RESUME_GLOW_FIELDS, check_out_folder, default_glow_config, load_resume_state,
                         train_config_for_resume)
     from .distributed import DistributedContext
 
@@ -296,8 +250,8 @@ def _train(given: dict) -> int:
 def _load_for_generation(args: argparse.Namespace):
     from .train import load_model, resolve_device
 
-    if not 0 <= args.seed <= _MAX_SEED:
-        raise CommandError(f"--seed must be between 0 and 2**32 - 1 = {_MAX_SEED}; got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CommandError(f"--seed must be between 0 and 2**32 - 1 = {MAX_SEED}; got {args.seed}")
     state = load_checkpoint(args.checkpoint, required=("model", "glow_config"))
     device = resolve_device(args.device)
     model = load_model(state, device, use_ema=args.ema)
@@ -373,9 +327,8 @@ def _load_images(model, paths: Sequence[str], device) -> torch.Tensor:
     return torch.stack([load_image(p, size=(h, w), channels=c) for p in paths]).to(device)
 
 
-@torch.no_grad()
-def _encode_images(model, images: torch.Tensor, label: Optional[int]) -> List[torch.Tensor]:
-    return model.encode(model.preprocess(images), _label_tensor(label, images.shape[0], images.device))
+def _encode(model, images: torch.Tensor, label: Optional[int]) -> List[torch.Tensor]:
+    return encode_images(model, images, _label_tensor(label, images.shape[0], images.device))
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
@@ -383,9 +336,8 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
     _require_at_least(args, "steps", 2, " (both ends are included)")
     _, model, device, label = _load_for_generation(args)
-    latents = _encode_images(model, _load_images(model, args.images, device), label)
-    weights = torch.linspace(0.0, 1.0, args.steps, device=device)
-    path_latents = [torch.stack([(1 - t) * z[0] + t * z[1] for t in weights]) for z in latents]
+    latents = _encode(model, _load_images(model, args.images, device), label)
+    path_latents = interpolate_latents([z[:1] for z in latents], [z[1:] for z in latents], args.steps)
     with torch.no_grad():
         frames = model.postprocess(model.decode(path_latents, _label_tensor(label, args.steps, device)))
     path = save_grid(frames, args.out, nrow=args.steps)
@@ -422,12 +374,8 @@ def _read_attribute_csv(csv_path: Path, attribute: str):
 
 
 def _mean_latent(model, paths: List[Path], batch_size: int, device, label) -> List[torch.Tensor]:
-    sums = None
-    for start in range(0, len(paths), batch_size):
-        latents = _encode_images(model, _load_images(model, paths[start:start + batch_size], device), label)
-        batch_sums = [z.sum(dim=0) for z in latents]
-        sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
-    return [s / len(paths) for s in sums]
+    return mean_latents(_encode(model, _load_images(model, paths[start:start + batch_size], device), label)
+                        for start in range(0, len(paths), batch_size))
 
 
 def _cmd_manipulate(args: argparse.Namespace) -> int:
@@ -446,9 +394,9 @@ def _cmd_manipulate(args: argparse.Namespace) -> int:
     _, model, device, label = _load_for_generation(args)
     with_attr = _mean_latent(model, positive, args.batch_size, device, label)
     without = _mean_latent(model, negative, args.batch_size, device, label)
-    direction = [a - b for a, b in zip(with_attr, without)]
-    base = _encode_images(model, _load_images(model, [args.image], device), label)
-    moved = [torch.stack([z[0] + alpha * d for alpha in alphas]) for z, d in zip(base, direction)]
+    direction = attribute_direction(with_attr, without)
+    base = _encode(model, _load_images(model, [args.image], device), label)
+    moved = move_latents(base, direction, alphas)
     with torch.no_grad():
         frames = model.postprocess(model.decode(moved, _label_tensor(label, len(alphas), device)))
     path = save_grid(frames, args.out, nrow=len(alphas))
@@ -476,8 +424,9 @@ _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "int
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `revglow` with `argv` (default sys.argv[1:]); returns the exit status.
 
-    Usage errors exit with argparse's status 2; other errors print one line `revglow: error: ...` and
-    return 1 (set REVGLOW_DEBUG=1 to see the traceback instead).
+    Usage errors exit with argparse's status 2; revglow's own errors about what it was given (RevglowError:
+    options, data, checkpoints, image files) and file-system errors print one line `revglow: error: ...` and
+    return 1 (set REVGLOW_DEBUG=1 to see the traceback instead). Anything else is a bug and keeps its traceback.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -493,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("revglow: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, TypeError, OSError, RuntimeError) as exc:
+    except (RevglowError, OSError) as exc:
         if os.environ.get("REVGLOW_DEBUG"):
             raise
         message = str(exc) or type(exc).__name__

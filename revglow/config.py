@@ -1,42 +1,71 @@
-"""Configuration dataclasses. The command line is built from these; there are no other settings."""
+"""Configuration dataclasses: GlowConfig (the model) and TrainConfig (a training run). The command line is built
+from these (one flag per field, its help text and choices taken from the field's metadata); there are no other
+settings. Every tuple of options lives here, once; the modules that take an option import its tuple from here.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Tuple
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Sequence, Tuple
 
-__all__ = ["GlowConfig", "check_int", "check_known_fields", "COUPLINGS", "PERMUTATIONS", "MEMORY_MODES", "KERNEL_BACKENDS", "RECONSTRUCTION_CHECKS"]
+from .errors import ConfigError, ConfigTypeError
+
+__all__ = ["GlowConfig", "TrainConfig", "check_int", "check_known_fields", "COUPLINGS", "PERMUTATIONS",
+           "MEMORY_MODES", "KERNEL_BACKENDS", "RECONSTRUCTION_CHECKS", "AMP_MODES", "DATASETS", "MAX_SEED",
+           "DEFAULT_MAX_STEPS"]
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv_lu", "invconv", "shuffle", "reverse")
 MEMORY_MODES = ("reversible", "checkpoint", "autograd")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 RECONSTRUCTION_CHECKS = ("off", "warn", "raise")
+AMP_MODES = ("off", "bf16")
+DATASETS = ("digits", "cifar10", "folder", "npz")   # revglow.data has one reader per name
+MAX_SEED = 2 ** 32 - 1          # numpy's global RNG takes seeds below 2**32
+DEFAULT_MAX_STEPS = 1500
 
 
-def _check_choice(name: str, value, choices) -> None:
+def option(default, help: str, choices: Optional[Sequence[str]] = None):
+    """A dataclass field whose metadata carries its command-line help text (and choices, for a string option)."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
+
+
+def _check_choice(owner: str, name: str, value, choices) -> None:
     if not isinstance(value, str):
-        raise TypeError(f"GlowConfig.{name} must be a string, one of {choices}; got {type(value).__name__}")
+        raise ConfigTypeError(f"{owner}.{name} must be a string, one of {choices}; got {type(value).__name__}")
     if value not in choices:
-        raise ValueError(f"GlowConfig.{name}={value!r} is not a known option; choose one of {choices}")
+        raise ConfigError(f"{owner}.{name}={value!r} is not a known option; choose one of {choices}")
 
 
 def check_int(owner: str, name: str, value, minimum: int) -> None:
     """A config field that must be an int (not a bool) of at least `minimum`; the error names `owner.name`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int; got {type(value).__name__}")
+        raise ConfigTypeError(f"{owner}.{name} must be an int; got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{owner}.{name} must be >= {minimum}; got {value}")
+        raise ConfigError(f"{owner}.{name} must be >= {minimum}; got {value}")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    check_int("GlowConfig", name, value, minimum)
+def _check_bools(config, names: Sequence[str]) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigTypeError(f"{type(config).__name__}.{name} must be a bool; got {type(getattr(config, name)).__name__}")
+
+
+def _check_choices(config) -> None:
+    """Every field with `choices` in its metadata holds one of them."""
+    for item in fields(config):
+        if "choices" in item.metadata:
+            _check_choice(type(config).__name__, item.name, getattr(config, item.name), item.metadata["choices"])
 
 
 def check_known_fields(cls, data: dict) -> None:
     """`cls.from_dict` refuses keys that are not fields of the dataclass `cls`, naming them."""
     unknown = set(data) - {f.name for f in fields(cls)}
     if unknown:
-        raise ValueError(f"{cls.__name__}.from_dict: unknown option(s) {sorted(unknown)}")
+        raise ConfigError(f"{cls.__name__}.from_dict: unknown option(s) {sorted(unknown)}")
 
 
 @dataclass
@@ -49,57 +78,52 @@ class GlowConfig:
         (1, 8, 8)
     """
 
-    image_shape: Tuple[int, int, int] = (3, 32, 32)
-    levels: int = 3                    # L: number of squeeze/flow/split scales
-    depth: int = 32                    # K: flow steps per level
-    hidden: int = 512                  # width of the coupling networks
-    coupling: str = "affine"           # "affine" | "additive"
-    permutation: str = "invconv_lu"    # "invconv_lu" | "invconv" | "shuffle" | "reverse"
-    n_bits: int = 8                    # images are reduced to this many bits per channel
-    learn_top: bool = True             # learned (zero-initialized) top prior instead of N(0, I)
-    num_classes: int = 0               # > 0: class-conditional top prior
-    context_channels: int = 0          # > 0: conditioned on a context map [N, this, H', W'] given to every call
-    memory: str = "reversible"         # "reversible" | "checkpoint" | "autograd"
-    kernels: str = "auto"              # "auto" | "torch" | "triton"
-    compile: bool = False              # torch.compile the work inside each flow step (the engine stays eager)
-    # Reconstruction check of the reversible engine: at the start of each level the rebuilt input is
-    # compared with a copy of one sample kept at forward time (constant memory, one sample per level).
-    check_reconstruction: str = "warn"  # "off" | "warn" | "raise"
-    reconstruction_tol: float = 1e-3    # relative L2 error above which the check fires
+    image_shape: Tuple[int, int, int] = option((3, 32, 32), "(C, H, W) of the images")
+    levels: int = option(3, "number of scales L (H and W must be divisible by 2**L)")
+    depth: int = option(32, "flow steps K per level")
+    hidden: int = option(512, "channels of the coupling networks")
+    coupling: str = option("affine", "coupling layer", COUPLINGS)
+    permutation: str = option("invconv_lu", "channel permutation between couplings", PERMUTATIONS)
+    n_bits: int = option(8, "bits per channel the images are reduced to")
+    learn_top: bool = option(True, "learned (zero-initialized) top prior instead of N(0, I)")
+    num_classes: int = option(0, "> 0: class-conditional prior (the data set must have labels)")
+    context_channels: int = option(0, "> 0: conditioned on a context map [N, this, H', W'] given to every call")
+    memory: str = option("reversible", "how training keeps activations: reversible (constant in depth), checkpoint "
+                         "or autograd", MEMORY_MODES)
+    kernels: str = option("auto", "fused Triton kernels on CUDA (auto), or force torch/triton", KERNEL_BACKENDS)
+    compile: bool = option(False, "torch.compile the work inside each flow step (pays on long runs: the first step "
+                           "compiles; the engine stays eager)")
+    # Reconstruction check of the reversible engine: each sequence compares a fingerprint of every sample of its
+    # input, kept at forward time, with the same fingerprint of the input its backward rebuilt.
+    check_reconstruction: str = option("warn", "check of the reversible engine's rebuilt inputs",
+                                       RECONSTRUCTION_CHECKS)
+    reconstruction_tol: float = option(1e-3, "relative error above which that check fires")
 
     def __post_init__(self) -> None:
         shape = self.image_shape
         if not isinstance(shape, (tuple, list)) or len(shape) != 3:
-            raise ValueError(f"GlowConfig.image_shape must be (C, H, W); got {shape!r}")
+            raise ConfigError(f"GlowConfig.image_shape must be (C, H, W); got {shape!r}")
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-            raise TypeError(f"GlowConfig.image_shape must hold ints; got {shape!r}")
+            raise ConfigTypeError(f"GlowConfig.image_shape must hold ints; got {shape!r}")
         self.image_shape = tuple(shape)
         c, h, w = self.image_shape
         if c < 1:
-            raise ValueError(f"GlowConfig.image_shape has an unusable channel count {c}; need at least 1")
-        _check_int("levels", self.levels, 1)
-        _check_int("depth", self.depth, 1)
-        _check_int("hidden", self.hidden, 1)
-        _check_int("n_bits", self.n_bits, 1)
+            raise ConfigError(f"GlowConfig.image_shape has an unusable channel count {c}; need at least 1")
+        for name, minimum in (("levels", 1), ("depth", 1), ("hidden", 1), ("n_bits", 1)):
+            check_int("GlowConfig", name, getattr(self, name), minimum)
         if self.n_bits > 8:
-            raise ValueError(f"GlowConfig.n_bits must be between 1 and 8; got {self.n_bits}")
-        _check_int("num_classes", self.num_classes, 0)
-        _check_int("context_channels", self.context_channels, 0)
-        for name in ("learn_top", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"GlowConfig.{name} must be a bool; got {type(getattr(self, name)).__name__}")
+            raise ConfigError(f"GlowConfig.n_bits must be between 1 and 8; got {self.n_bits}")
+        check_int("GlowConfig", "num_classes", self.num_classes, 0)
+        check_int("GlowConfig", "context_channels", self.context_channels, 0)
+        _check_bools(self, ("learn_top", "compile"))
         factor = 2 ** self.levels
         if h % factor or w % factor or h < factor or w < factor:
-            raise ValueError(
+            raise ConfigError(
                 f"GlowConfig.image_shape {self.image_shape}: H and W must be divisible by 2**levels = {factor} "
                 f"(levels={self.levels})")
-        _check_choice("coupling", self.coupling, COUPLINGS)
-        _check_choice("permutation", self.permutation, PERMUTATIONS)
-        _check_choice("memory", self.memory, MEMORY_MODES)
-        _check_choice("kernels", self.kernels, KERNEL_BACKENDS)
-        _check_choice("check_reconstruction", self.check_reconstruction, RECONSTRUCTION_CHECKS)
+        _check_choices(self)
         if not isinstance(self.reconstruction_tol, (int, float)) or not self.reconstruction_tol > 0:
-            raise ValueError(f"GlowConfig.reconstruction_tol must be a positive number; got {self.reconstruction_tol!r}")
+            raise ConfigError(f"GlowConfig.reconstruction_tol must be a positive number; got {self.reconstruction_tol!r}")
 
     @property
     def num_dims(self) -> int:
@@ -118,4 +142,85 @@ class GlowConfig:
         data = dict(data)
         if "image_shape" in data:
             data["image_shape"] = tuple(data["image_shape"])
+        return cls(**data)
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the model's architecture (that is GlowConfig).
+
+    Example:
+        >>> TrainConfig(max_steps=3, out="/tmp/revglow-doc", progress=False).batch_size
+        64
+    """
+
+    data: str = option("digits", "data set (read from local files only)", DATASETS)
+    data_root: Optional[str] = option(None, "cifar10: folder with the python batches; folder: image folder; npz: "
+                                      "the .npz file")
+    image_size: Optional[int] = option(None, "folder data: resize (shorter side) and centre-crop images to this size")
+    batch_size: int = option(64, "images per step")
+    lr: float = option(1e-3, "Adam learning rate")                    # paper, section 5
+    warmup: Optional[int] = option(None, "linear learning-rate warm-up, in steps (default: min(200, total steps "
+                                   "// 10))")
+    grad_clip: Optional[float] = option(None, "clip the global gradient norm to this ('none': no clipping)")
+    max_steps: Optional[int] = option(None, f"total optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs)")
+    epochs: Optional[int] = option(None, "train this many passes over the train split instead of --max-steps")
+    seed: int = option(0, "seed of the data order, initialization and dequantization noise")
+    device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    amp: str = option("off", "bf16: autocast the model call to bfloat16 (the flow itself stays float32)", AMP_MODES)
+    ema: Optional[float] = option(0.999, "Polyak averaging decay of the weights used for eval and samples ('none': "
+                                  "off)")
+    out: Optional[str] = option(None, "output folder (default runs/DATA)")
+    resume: Optional[str] = option(None, "a checkpoint to continue from")
+    overwrite: bool = option(False, "start afresh in an --out that holds a run (its checkpoints, metrics and samples "
+                             "are removed)")
+    init_batch_size: Optional[int] = option(None, "images for ActNorm's data-dependent init, may exceed --batch-size "
+                                            "(the paper's code uses 256; default: one global batch)")
+    skip_bad_images: bool = option(False, "folder data: leave unreadable image files out (counted) instead of "
+                                   "stopping")
+    tensorboard: bool = option(False, "also write TensorBoard events to OUT/tensorboard (scalars and sample grids)")
+    workers: int = option(0, "DataLoader worker processes")
+    eval_every: int = option(500, "steps between test evaluations (0: only at the end)")
+    sample_every: int = option(500, "steps between sample grids (0: only at the end)")
+    checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)")
+    keep: int = option(3, "how many checkpoint-STEP.pt files to keep")
+    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
+    n_samples: int = option(64, "images per sample grid")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.data not in DATASETS:
+            raise ConfigError(f"TrainConfig.data={self.data!r} is not a known data set; choose one of {DATASETS}")
+        if self.out is None:
+            self.out = f"runs/{self.data}"
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"TrainConfig.amp={self.amp!r} is not a known option; choose one of {AMP_MODES}")
+        for name in ("batch_size", "max_bad_steps", "n_samples"):
+            check_int("TrainConfig", name, getattr(self, name), 1)
+        for name in ("workers", "eval_every", "sample_every", "checkpoint_every", "keep", "seed"):
+            check_int("TrainConfig", name, getattr(self, name), 0)
+        for name in ("max_steps", "epochs", "image_size", "init_batch_size"):
+            if getattr(self, name) is not None:
+                check_int("TrainConfig", name, getattr(self, name), 1)
+        if self.warmup is not None:
+            check_int("TrainConfig", "warmup", self.warmup, 0)
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"TrainConfig.lr must be a positive number; got {self.lr!r}")
+        if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
+            raise ConfigError(f"TrainConfig.grad_clip must be a positive number or None; got {self.grad_clip!r}")
+        if self.ema is not None and (not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0):
+            raise ConfigError(f"TrainConfig.ema must be a decay in (0, 1) or None; got {self.ema!r}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError("TrainConfig: give max_steps or epochs, not both")
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"TrainConfig.seed must be between 0 and 2**32 - 1 = {MAX_SEED}; got {self.seed}")
+        _check_bools(self, ("overwrite", "skip_bad_images", "tensorboard", "progress"))
+
+    def to_dict(self) -> dict:
+        """Plain-typed dict (for checkpoints loaded with weights_only=True)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        check_known_fields(cls, data)
         return cls(**data)

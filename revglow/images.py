@@ -18,7 +18,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .errors import RevglowError
+
 __all__ = [
+    "ImageFileError",
     "IMAGE_SUFFIXES",
     "to_uint8",
     "make_grid",
@@ -33,6 +36,10 @@ PathLike = Union[str, os.PathLike]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _GREY_MODES = ("1", "L", "LA", "F")
+
+
+class ImageFileError(RevglowError, ValueError):
+    """An image file revglow cannot read or write: an unsupported type, or not a readable image."""
 
 
 def is_grey_mode(mode: str) -> bool:
@@ -94,7 +101,7 @@ def make_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 1
 
 def _check_suffix(path: Path) -> None:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported image file type {path.suffix!r}; use one of {IMAGE_SUFFIXES}")
+        raise ImageFileError(f"{path}: unsupported image file type {path.suffix!r}; use one of {IMAGE_SUFFIXES}")
 
 
 def save_image(image: torch.Tensor, path: PathLike, scale: int = 1) -> Path:
@@ -163,7 +170,7 @@ def load_image(path: PathLike, size: Optional[Sequence[int]] = None, channels: O
             opened.load()
             picture = opened
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for bad files
-        raise ValueError(f"{path}: not a readable image ({exc})") from exc
+        raise ImageFileError(f"{path}: not a readable image ({exc})") from exc
     if channels is None:
         channels = 1 if is_grey_mode(picture.mode) else 3
     if picture.mode.startswith("I"):

@@ -3,6 +3,10 @@ averaging (EMA), skipping of non-finite steps, periodic evaluation, sample grids
 exact resume (same parameters and losses, bit for bit, on the CPU), a checkpoint on SIGINT/SIGTERM, and
 data-parallel training under torchrun (DistributedDataParallel; rank 0 alone writes files).
 
+The pieces it uses live in small modules of their own: TrainConfig in revglow.config, the EMA in revglow.ema,
+evaluation and model loading in revglow.evaluation, metrics.jsonl in revglow.metrics, the output folder in
+revglow.run_folder, signal handling in revglow.signals. Their public names are importable from here too.
+
 Example:
     >>> from revglow import GlowConfig
     >>> glow = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16)
@@ -14,37 +18,36 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import resource
-import shutil
-import signal
 import sys
-import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from .baseline import PixelCategoricalBaseline
-from .checkpoint import (CheckpointError, capture_rng_state, link_or_copy_atomic, load_checkpoint,
-                         prune_step_checkpoints, remove_stale_temp_files, restore_rng_state, save_checkpoint,
-                         step_checkpoint_path)
-from .config import GlowConfig, check_int, check_known_fields
-from .data import (DATASETS, DataPosition, ImageData, epoch_permutation, load_dataset, make_eval_loader,
-                   make_train_loader, stack_images)
+from .checkpoint import (capture_rng_state, link_or_copy_atomic, load_checkpoint, prune_step_checkpoints,
+                         restore_rng_state, save_checkpoint, step_checkpoint_path)
+from .config import AMP_MODES, DEFAULT_MAX_STEPS, MAX_SEED, GlowConfig, TrainConfig
+from .data import ImageData, load_dataset, stack_images
 from .distributed import DistributedContext
+from .errors import ConfigError, RevglowError
+from .ema import ExponentialMovingAverage
+from .evaluation import evaluate_bits_per_dim, isolated_rng, load_model, sample_labels, standard_error
 from .images import make_grid, save_grid
 from .layers import actnorm as _actnorm_module
+from .metrics import METRICS_NAME, MetricsLog, NoMetrics, peak_memory_mb
 from .model import Glow
 from .reversible import ReconstructionError
+from .run_folder import CHECKPOINT_NAME, RunExistsError, check_out_folder, prepare_out_folder
+from .sampling import DataPosition, epoch_permutation, make_train_loader
+from .signals import StopSignals, TrainingInterrupted
 
 __all__ = [
     "TrainConfig",
@@ -69,17 +72,10 @@ __all__ = [
     "train_config_for_resume",
 ]
 
-AMP_MODES = ("off", "bf16")
 SAMPLE_TEMPERATURES = (0.5, 0.7, 1.0)
-DEFAULT_MAX_STEPS = 1500
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-MAX_SEED = 2 ** 32 - 1          # numpy's global RNG takes seeds below 2**32
+
 # GlowConfig fields that say how the model runs, not what it computes: they may change on --resume.
 RESUME_GLOW_FIELDS = ("memory", "kernels", "compile", "check_reconstruction", "reconstruction_tol")
-# What `revglow train` writes into --out (what --overwrite removes; anything else there is left alone).
-_RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)
-_RUN_FOLDERS = ("samples", "tensorboard")
 # Numerical failures inside a step that are handled like a non-finite loss: a singular 1x1 convolution
 # (torch.linalg), an input the reversible engine could not rebuild, floating-point traps.
 _NUMERICAL_ERRORS = (torch.linalg.LinAlgError, ReconstructionError, FloatingPointError)
@@ -103,117 +99,14 @@ MODEL_DEFAULTS: Dict[str, Dict] = {
 }
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RevglowError, RuntimeError):
     """Too many non-finite steps in a row; the run stopped without touching the last good checkpoint."""
 
-
-class RunExistsError(ValueError):
-    """--out holds files and neither --resume nor --overwrite was given."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run: after the step in progress, with a checkpoint written
-    (`checkpoint` is its path), or at once on a second signal (`checkpoint` is None).
-
-    `exit_code` is the shell's convention, 128 + the signal number: 130 for SIGINT, 143 for SIGTERM.
-    """
-
-    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]) -> None:
-        self.signum = int(signum)
-        self.step = step
-        self.checkpoint = checkpoint
-        self.exit_code = 128 + self.signum
-        name = signal.Signals(self.signum).name
-        if checkpoint is not None:
-            message = (f"interrupted by {name} after step {step}; checkpoint written to {checkpoint} "
-                       f"(continue with --resume)")
-        else:
-            message = f"interrupted by a second {name} at step {step}; stopped at once without writing a checkpoint"
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class NonFiniteStepWarning(RuntimeWarning):
     """A step with a non-finite loss or gradient was skipped."""
 
-
-@dataclass
-class TrainConfig:
-    """Everything about a training run that is not the model's architecture (that is GlowConfig)."""
-
-    data: str = "digits"                # one of revglow.data.DATASETS
-    data_root: Optional[str] = None     # folder (cifar10, folder) or file (npz)
-    image_size: Optional[int] = None    # for --data folder: images resized and centre-cropped to this
-    batch_size: int = 64
-    lr: float = 1e-3                    # Adam (paper, section 5)
-    warmup: Optional[int] = None        # linear LR warm-up in steps; None: min(200, total steps // 10)
-    grad_clip: Optional[float] = None   # max global gradient norm; None: no clipping
-    max_steps: Optional[int] = None     # total optimizer steps; None with epochs None: DEFAULT_MAX_STEPS
-    epochs: Optional[int] = None        # alternative to max_steps: this many passes over the train split
-    seed: int = 0
-    device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    amp: str = "off"                    # "off" | "bf16": autocast around the model call
-    ema: Optional[float] = 0.999        # Polyak averaging decay for eval and samples; None: off
-    out: Optional[str] = None           # output folder (checkpoints, metrics.jsonl, samples/); None: runs/DATA
-    resume: Optional[str] = None        # a checkpoint to continue from
-    overwrite: bool = False             # start afresh in an --out that holds files (removes the earlier run's)
-    init_batch_size: Optional[int] = None  # images for ActNorm's data-dependent init; None: one global batch
-    skip_bad_images: bool = False       # folder data: leave unreadable files out (counted) instead of stopping
-    tensorboard: bool = False           # also write TensorBoard events (scalars and sample grids)
-    workers: int = 0                    # DataLoader worker processes
-    eval_every: int = 500               # steps between test evaluations (0: only at the end)
-    sample_every: int = 500             # steps between sample grids (0: only at the end)
-    checkpoint_every: int = 500         # steps between checkpoints (0: only at the end)
-    keep: int = 3                       # how many checkpoint-STEP.pt copies to keep
-    max_bad_steps: int = 5              # stop after this many non-finite steps in a row
-    n_samples: int = 64                 # images per sample grid
-    progress: bool = True               # tqdm progress bar
-
-    def __post_init__(self) -> None:
-        if self.data not in DATASETS:
-            raise ValueError(f"TrainConfig.data={self.data!r} is not a known data set; choose one of {DATASETS}")
-        if self.out is None:
-            self.out = f"runs/{self.data}"
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"TrainConfig.amp={self.amp!r} is not a known option; choose one of {AMP_MODES}")
-        positive = {"batch_size": self.batch_size, "max_bad_steps": self.max_bad_steps, "n_samples": self.n_samples}
-        for name, value in positive.items():
-            _check_int(name, value, 1)
-        for name in ("workers", "eval_every", "sample_every", "checkpoint_every", "keep", "seed"):
-            _check_int(name, getattr(self, name), 0)
-        for name in ("max_steps", "epochs", "image_size", "init_batch_size"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        if self.warmup is not None:
-            _check_int("warmup", self.warmup, 0)
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be a positive number; got {self.lr!r}")
-        if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
-            raise ValueError(f"TrainConfig.grad_clip must be a positive number or None; got {self.grad_clip!r}")
-        if self.ema is not None and (not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0):
-            raise ValueError(f"TrainConfig.ema must be a decay in (0, 1) or None; got {self.ema!r}")
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("TrainConfig: give max_steps or epochs, not both")
-        if self.seed > MAX_SEED:
-            raise ValueError(f"TrainConfig.seed must be between 0 and 2**32 - 1 = {MAX_SEED}; got {self.seed}")
-        for name in ("overwrite", "skip_bad_images", "tensorboard", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"TrainConfig.{name} must be a bool; got {type(getattr(self, name)).__name__}")
-
-    def to_dict(self) -> dict:
-        """Plain-typed dict (for checkpoints loaded with weights_only=True)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        check_known_fields(cls, data)
-        return cls(**data)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    check_int("TrainConfig", name, value, minimum)
 
 
 def default_glow_config(data: ImageData, **overrides) -> GlowConfig:
@@ -231,147 +124,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device {name!r} is not a device name (try cpu, cuda or cuda:0)") from exc
+        raise ConfigError(f"--device {name!r} is not a device name (try cpu, cuda or cuda:0)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return device
 
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10   # bytes on macOS, KiB on Linux
-
-
-@contextlib.contextmanager
-def _isolated_rng(seed: int) -> Iterator[None]:
-    """Run a block with the global RNGs seeded to `seed`, then put them back as they were.
-
-    Evaluation and sampling inside training use this, so they are reproducible and never shift the
-    training run's dequantization noise (which exact resume depends on).
-    """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-# ---------------------------------------------------------------------------------------------- EMA
-
-class ExponentialMovingAverage:
-    """Polyak averaging of a model's floating-point parameters.
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so short runs are not dominated
-    by the random initial weights. The shadow copy starts at the first update (after ActNorm's
-    data-dependent initialization has run).
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must lie in (0, 1); got {decay}")
-        self.model = model
-        self.decay = float(decay)
-        self.num_updates = 0
-        self.shadow: Dict[str, torch.Tensor] = {}
-
-    def _parameters(self):
-        return [(name, p) for name, p in self.model.named_parameters() if p.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        if not self.shadow:
-            self.shadow = {name: p.detach().clone() for name, p in self._parameters()}
-        else:
-            decay = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
-            for name, p in self._parameters():
-                self.shadow[name].lerp_(p.detach(), 1.0 - decay)
-        self.num_updates += 1
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[nn.Module]:
-        """Temporarily swap the averaged weights into the model (no-op before the first update)."""
-        if not self.shadow:
-            yield self.model
-            return
-        saved = {}
-        with torch.no_grad():
-            for name, p in self._parameters():
-                saved[name] = p.detach().clone()
-                p.copy_(self.shadow[name])
-        try:
-            yield self.model
-        finally:
-            with torch.no_grad():
-                for name, p in self._parameters():
-                    p.copy_(saved[name])
-
-    def state_dict(self) -> Dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
-        device = next(self.model.parameters()).device
-        self.shadow = {name: t.to(device) for name, t in state["shadow"].items()}
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-@torch.no_grad()
-def evaluate_bits_per_dim(model: Glow, dataset, batch_size: int, device: torch.device, draws: int = 1,
-                          seed: int = 0, workers: int = 0) -> torch.Tensor:
-    """Per-image test bits/dim [N] (float64, on the CPU), averaged over `draws` dequantization draws.
-
-    The dequantization noise is seeded with `seed` and the global RNGs are restored afterwards.
-    """
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1; got {draws}")
-    conditional = model.config.num_classes > 0
-    was_training = model.training
-    model.eval()
-    results = []
-    try:
-        with _isolated_rng(seed):
-            for draw in range(draws):
-                per_image = []
-                for x, y in make_eval_loader(dataset, batch_size, workers):
-                    x = x.to(device)
-                    y = y.to(device) if conditional else None
-                    per_image.append(model.bits_per_dim(model.preprocess(x), y).double().cpu())
-                results.append(torch.cat(per_image))
-    finally:
-        model.train(was_training)
-    return torch.stack(results).mean(dim=0)
-
-
-def _sample_labels(model: Glow, n: int, device: torch.device) -> Optional[torch.Tensor]:
-    k = model.config.num_classes
-    return torch.arange(n, device=device) % k if k > 0 else None
-
-
-def load_model(state: Union[Dict, str, os.PathLike], device: torch.device, use_ema: bool = True) -> Glow:
-    """A Glow built from a checkpoint's config and weights (the EMA weights when present and use_ema).
-
-    `state` is a checkpoint path (read with `load_checkpoint`, which verifies it) or a dict it returned.
-    Weights that are not finite are refused: a finished revglow run never saves them.
-    """
-    if not isinstance(state, dict):
-        state = load_checkpoint(state, required=("model", "glow_config"))
-    model = Glow(GlowConfig.from_dict(state["glow_config"]))
-    model.load_state_dict(state["model"])
-    ema = state.get("ema")
-    if use_ema and ema and ema.get("shadow"):
-        missing = set(ema["shadow"]) - set(dict(model.named_parameters()))
-        if missing:
-            raise ValueError(f"the checkpoint's EMA weights name unknown parameters {sorted(missing)[:3]}")
-        model.load_state_dict(ema["shadow"], strict=False)
-    bad = [name for name, value in model.state_dict().items()
-           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
-    if bad:
-        raise CheckpointError(f"the checkpoint's weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
-                              f"it is corrupt or was not written by revglow train")
-    return model.to(device).eval()
 
 
 def train_config_for_resume(state: Dict, overrides: Dict) -> TrainConfig:
@@ -387,120 +144,6 @@ def train_config_for_resume(state: Dict, overrides: Dict) -> TrainConfig:
         options["max_steps"] = None
     return TrainConfig.from_dict(options)
 
-
-def check_out_folder(out: Union[str, os.PathLike], overwrite: bool) -> None:
-    """Refuse to start a fresh run in a folder that holds files, unless `overwrite` says to replace them."""
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise RunExistsError(f"--out {folder} is a file, not a folder")
-    if overwrite or not folder.is_dir():
-        return
-    entries = sorted(p.name for p in folder.iterdir())
-    if entries:
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise RunExistsError(f"--out {folder} is not empty ({shown}); pass --resume to continue the run there, "
-                             f"or --overwrite to start afresh (removing its checkpoints, metrics and samples)")
-
-
-def _summary_writer_class():
-    """torch's TensorBoard SummaryWriter (a function of its own so that tests can stand in for it)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from exc
-    return SummaryWriter
-
-
-# ------------------------------------------------------------------------------------------ metrics
-
-class _MetricsLog:
-    """metrics.jsonl (one JSON object per line), plus TensorBoard events when asked for."""
-
-    def __init__(self, folder: Path, resume_step: Optional[int], tensorboard: bool = False) -> None:
-        self.path = folder / METRICS_NAME
-        if resume_step is not None and self.path.exists():
-            # Drop what was logged after the checkpoint we resume from: those steps are done again.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        self.tensorboard = None
-        if tensorboard:
-            self.tensorboard = _summary_writer_class()(str(folder / "tensorboard"), purge_step=resume_step)
-        self.handle = open(self.path, "a", encoding="utf-8")
-
-    def write(self, record: Dict) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(key, value, record["step"])
-
-    def write_images(self, step: int, grids: Dict[str, torch.Tensor]) -> None:
-        """Sample grids (uint8 [C, H, W]) as TensorBoard images."""
-        if self.tensorboard is not None:
-            for tag, grid in grids.items():
-                self.tensorboard.add_image(tag, grid, step, dataformats="CHW")
-            self.tensorboard.flush()
-
-    def close(self) -> None:
-        self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-class _NoMetrics:
-    """What ranks other than 0 log: nothing."""
-
-    def write(self, record: Dict) -> None:
-        pass
-
-    def write_images(self, step: int, grids: Dict[str, torch.Tensor]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-# ------------------------------------------------------------------------------------------ signals
-
-class _StopSignals:
-    """SIGINT/SIGTERM handlers for the duration of a run: the first signal asks the loop to stop after the
-    step in progress (the trainer then writes a checkpoint); a second one stops at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, trainer: "Trainer") -> None:
-        self.trainer = trainer
-        self.received: Optional[int] = None
-        self.previous: Dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            self.restore()
-            raise TrainingInterrupted(signum, self.trainer.step, None)
-        self.received = int(signum)
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
-            for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -546,13 +189,13 @@ class Trainer:
         self.data = data if data is not None else load_dataset(config.data, config.data_root, config.image_size,
                                                                config.skip_bad_images)
         if tuple(self.data.image_shape) != tuple(glow_config.image_shape):
-            raise ValueError(f"the data's images are {self.data.image_shape} but the model expects "
+            raise ConfigError(f"the data's images are {self.data.image_shape} but the model expects "
                              f"{tuple(glow_config.image_shape)}")
         if glow_config.num_classes and self.data.num_classes == 0:
-            raise ValueError(f"num_classes={glow_config.num_classes} asks for a class-conditional model but the "
+            raise ConfigError(f"num_classes={glow_config.num_classes} asks for a class-conditional model but the "
                              f"{self.data.name} data set has no labels")
         if glow_config.num_classes and self.data.num_classes > glow_config.num_classes:
-            raise ValueError(f"the {self.data.name} data set has {self.data.num_classes} classes; "
+            raise ConfigError(f"the {self.data.name} data set has {self.data.num_classes} classes; "
                              f"num_classes={glow_config.num_classes} is too few")
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -583,8 +226,10 @@ class Trainer:
         self.sample_paths: List[Path] = []
         self.checkpoint_path = self.out / CHECKPOINT_NAME
         self._resumed_step: Optional[int] = None
-        self._signals: Optional[_StopSignals] = None
+        self._signals: Optional[StopSignals] = None
         self._metrics = None
+        self._progress: Optional[_Progress] = None
+        self._last_saved = -1
         self._agreed_stop = 0
         self.ddp = None
         if resume_state is not None:
@@ -656,7 +301,7 @@ class Trainer:
         changed = sorted(k for k in given if k not in RESUME_GLOW_FIELDS and saved.get(k) != given[k])
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise ValueError(f"the checkpoint's model differs from the one given ({flags}); a resumed run keeps "
+            raise ConfigError(f"the checkpoint's model differs from the one given ({flags}); a resumed run keeps "
                              f"its model (only {', '.join('--' + k.replace('_', '-') for k in RESUME_GLOW_FIELDS)} "
                              f"may change)")
         self.model.load_state_dict(state["model"])
@@ -728,7 +373,7 @@ class Trainer:
             model.eval()
             for temperature in SAMPLE_TEMPERATURES:
                 generator = torch.Generator(self.device).manual_seed(self.config.seed)
-                labels = _sample_labels(model, self.config.n_samples, self.device)
+                labels = sample_labels(model, self.config.n_samples, self.device)
                 images = model.sample(self.config.n_samples, temperature=temperature, y=labels, generator=generator)
                 paths.append(save_grid(images, folder / f"step-{self.step:08d}-t{temperature:.1f}.png"))
                 grids[f"samples/t{temperature:.1f}"] = make_grid(images)
@@ -751,7 +396,7 @@ class Trainer:
         total = self.config.init_batch_size or self.sampler.global_batch_size
         total = min(total, len(self.data.train))
         if total < self.dist.world_size:
-            raise ValueError(f"--init-batch-size {total} is smaller than the number of processes "
+            raise ConfigError(f"--init-batch-size {total} is smaller than the number of processes "
                              f"({self.dist.world_size}); each needs at least one image")
         order = epoch_permutation(len(self.data.train), self.config.seed, 0)[:total]   # the sampler's first epoch
         rank, world = self.dist.rank, self.dist.world_size
@@ -767,7 +412,7 @@ class Trainer:
         x, y, total = self._init_batch()
         _, h, w = self.model.latent_shapes[-1]
         if total * h * w < 2:
-            raise ValueError(f"ActNorm's data-dependent init would see one value per channel at the top level "
+            raise ConfigError(f"ActNorm's data-dependent init would see one value per channel at the top level "
                              f"(an init batch of {total} image(s), {h}x{w} pixels there), which makes its scales "
                              f"meaningless; pass a larger --init-batch-size (the paper's code uses 256)")
         degenerate = getattr(_actnorm_module, "DegenerateInitError", None)
@@ -775,7 +420,7 @@ class Trainer:
             self.model.initialize(x, y)
         except Exception as exc:
             if degenerate is not None and isinstance(exc, degenerate):
-                raise ValueError(f"ActNorm's data-dependent init got a degenerate batch ({exc}); pass a larger or "
+                raise ConfigError(f"ActNorm's data-dependent init got a degenerate batch ({exc}); pass a larger or "
                                  f"more varied --init-batch-size (the paper's code uses 256)") from exc
             raise
 
@@ -916,57 +561,8 @@ class Trainer:
         return {"reconstruction_error": [next(values) if e is not None else None for e in errors]}
 
     def _prepare_out_folder(self) -> None:
-        """Rank 0, before anything is written: remove temp files of killed saves; on --overwrite remove the
-        earlier run's files; on resume from an older checkpoint set the newer ones aside."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(self.out)
-        if self._resumed_step is None:
-            check_out_folder(self.out, self.config.overwrite)
-            if self.config.overwrite:
-                for path in list(self.out.glob("checkpoint-*.pt")) + [self.out / name for name in _RUN_FILES]:
-                    if path.is_file():
-                        path.unlink()
-                for name in _RUN_FOLDERS:
-                    if (self.out / name).is_dir():
-                        shutil.rmtree(self.out / name)
-        else:
-            self._set_aside_newer_checkpoints()
-
-    def _set_aside_newer_checkpoints(self) -> None:
-        """Resuming from an older checkpoint abandons the steps after it: move the newer checkpoint-STEP.pt
-        (and a newer checkpoint.pt) into OUT/abandoned-after-step-STEP/, so that rotation, --resume and eval
-        only ever see this branch."""
-        step = self._resumed_step
-        newer = []
-        for path in sorted(self.out.glob("checkpoint-*.pt")):
-            try:
-                if int(path.stem.split("-")[1]) > step:
-                    newer.append(path)
-            except (IndexError, ValueError):
-                continue
-        source = Path(self.config.resume) if self.config.resume else None
-        latest = self.checkpoint_path
-        if latest.is_file() and not (source is not None and source.exists() and os.path.samefile(source, latest)):
-            try:
-                latest_step = int(torch.load(latest, map_location="cpu", weights_only=True, mmap=True)["step"])
-            except Exception:
-                latest_step = None       # unreadable: not the branch we continue
-            if latest_step is None or latest_step > step:
-                newer.append(latest)
-        if not newer:
-            return
-        folder = self.out / f"abandoned-after-step-{step:08d}"
-        suffix = 1
-        while folder.exists():
-            suffix += 1
-            folder = self.out / f"abandoned-after-step-{step:08d}-{suffix}"
-        folder.mkdir()
-        for path in newer:
-            os.replace(path, folder / path.name)
-        if not latest.exists() and source is not None and source.is_file():
-            link_or_copy_atomic(source, latest)      # --resume without a path continues this branch
-        warnings.warn(f"resumed from step {step}: moved {len(newer)} newer checkpoint(s) of the abandoned run to "
-                      f"{folder}", RuntimeWarning, stacklevel=3)
+        """Rank 0, before anything is written: see revglow.run_folder.prepare_out_folder."""
+        prepare_out_folder(self.out, self.config.overwrite, self._resumed_step, self.config.resume)
 
     def _periodic(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -1007,107 +603,141 @@ class Trainer:
         SIGINT or SIGTERM (in the main thread) stop it after the step in progress with a checkpoint written,
         raising TrainingInterrupted; a second signal raises it at once.
         """
-        from tqdm import tqdm
-
-        main = self.dist.is_main
         self.dist.run_on_main(self._prepare_out_folder)
-        self._metrics = None
-        metrics = _MetricsLog(self.out, self._resumed_step, self.config.tensorboard) if main else _NoMetrics()
-        self._metrics = metrics
-        conditional = self.glow_config.num_classes > 0
-        # In a log file (not a terminal) a bar redrawn ten times a second floods it: redraw every 10 s there.
-        interactive = sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.config.progress and main),
-                   unit="step", dynamic_ncols=True, desc="train", mininterval=0.1 if interactive else 10.0)
-        smoothed_bpd, smoothed_rate = None, None
-        last_saved = self._resumed_step if self._resumed_step is not None else -1
-        test = None
-        self._signals = _StopSignals(self)
+        self._metrics = MetricsLog(self.out, self._resumed_step, self.config.tensorboard) if self.dist.is_main \
+            else NoMetrics()
+        self._progress = _Progress(self, self.dist.is_main, self.config.progress)
+        self._last_saved = self._resumed_step if self._resumed_step is not None else -1
+        self._signals = StopSignals(self)
         try:
             with self._signals:
                 if not self.model.is_initialized:
                     self.initialize_model()
                 self.model.train()
-                while self.step < self.total_steps:
-                    self.sampler.set_position(self.position)
-                    finished_epoch = True
-                    for x, y in self.loader:
-                        if self.step >= self.total_steps:
-                            finished_epoch = False
-                            break
-                        started = time.perf_counter()
-                        x = x.to(self.device, non_blocking=True)
-                        y = y.to(self.device) if conditional else None
-                        record = self._train_step(x, y)
-                        self.position.index += self.sampler.global_batch_size
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize(self.device)
-                        elapsed = max(time.perf_counter() - started, 1e-9)
-                        record.update(images_per_s=self.sampler.global_batch_size / elapsed,
-                                      peak_memory_mb=_peak_memory_mb(self.device))
-                        metrics.write(record)
-                        if "skipped" in record:
-                            self.bad_steps += 1
-                            what = (f"non-finite {record['skipped']} (bits/dim {record['bpd']})"
-                                    if record["skipped"] in ("loss", "gradient")
-                                    else f"numerical failure ({record.get('error', record['skipped'])})")
-                            warnings.warn(f"step {record['step']}: {what}; step skipped, parameters unchanged",
-                                          NonFiniteStepWarning, stacklevel=2)
-                            if self.bad_steps >= self.config.max_bad_steps:
-                                self._stop_for_bad_steps(record)
-                            if self._stop_requested():
-                                self._interrupt(self._stop_requested(), last_saved)
-                            continue
-                        self.bad_steps = 0
-                        smoothed_bpd = record["bpd"] if smoothed_bpd is None else 0.9 * smoothed_bpd + 0.1 * record["bpd"]
-                        rate = record["images_per_s"]
-                        smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
-                        bar.update(1)
-                        bar.set_postfix(bpd=f"{smoothed_bpd:.3f}", img_s=f"{smoothed_rate:.0f}",
-                                        mem=f"{record['peak_memory_mb']:.0f}MB", refresh=False)
-                        at_end = self.step >= self.total_steps
-                        if self._periodic(self.config.checkpoint_every) and not at_end:
-                            self.save()
-                            last_saved = self.step
-                        if self._stop_requested():
-                            self._interrupt(self._stop_requested(), last_saved)
-                        if self._periodic(self.config.eval_every) and not at_end:
-                            test = self.evaluate()
-                            metrics.write({"step": self.step, "test_bpd": float(test.mean()),
-                                           "test_bpd_stderr": standard_error(test), "ema": self.ema is not None})
-                            if main:
-                                bar.write(f"step {self.step}: test bits/dim {float(test.mean()):.4f}")
-                        if self._periodic(self.config.sample_every) and not at_end:
-                            self.write_samples()
-                    if finished_epoch:
-                        self.position = DataPosition(self.position.epoch + 1, 0)
-                bar.close()
-                if last_saved != self.step:
-                    self.save()
-                    last_saved = self.step
-                stop = self._pending_stop()
-                if stop:
-                    self._interrupt(stop, last_saved)
-                test = self.evaluate()
-                metrics.write({"step": self.step, "test_bpd": float(test.mean()),
-                               "test_bpd_stderr": standard_error(test), "ema": self.ema is not None})
-                samples = self.write_samples()
-                baseline = self.dist.broadcast_object(self.baseline_bits_per_dim() if main else None)
-                metrics.write({"step": self.step, "baseline_bpd": baseline})
+                self._train_loop()
+                self._progress.close()
+                return self._finish()
         finally:
-            bar.close()
-            metrics.close()
+            self._progress.close()
+            self._metrics.close()
             self._signals = None
             self._metrics = None
+
+    # ------------------------------------------------------------------------------ the phases of run
+    def _train_loop(self) -> None:
+        """Epochs of steps until total_steps, with the periodic checkpoints, evaluations and samples."""
+        conditional = self.glow_config.num_classes > 0
+        while self.step < self.total_steps:
+            self.sampler.set_position(self.position)
+            finished_epoch = True
+            for x, y in self.loader:
+                if self.step >= self.total_steps:
+                    finished_epoch = False
+                    break
+                record = self._timed_step(x.to(self.device, non_blocking=True),
+                                          y.to(self.device) if conditional else None)
+                self._metrics.write(record)
+                if "skipped" in record:
+                    self._after_skipped_step(record)
+                else:
+                    self.bad_steps = 0
+                    self._progress.step(record)
+                    self._periodic_work()
+            if finished_epoch:
+                self.position = DataPosition(self.position.epoch + 1, 0)
+
+    def _timed_step(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Dict:
+        """One training step and its data position, with images/s and peak memory added to its record."""
+        started = time.perf_counter()
+        record = self._train_step(x, y)
+        self.position.index += self.sampler.global_batch_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        record.update(images_per_s=self.sampler.global_batch_size / elapsed,
+                      peak_memory_mb=peak_memory_mb(self.device))
+        return record
+
+    def _after_skipped_step(self, record: Dict) -> None:
+        """Warn about a skipped step; stop after max_bad_steps of them in a row, or for a pending signal."""
+        self.bad_steps += 1
+        what = (f"non-finite {record['skipped']} (bits/dim {record['bpd']})"
+                if record["skipped"] in ("loss", "gradient")
+                else f"numerical failure ({record.get('error', record['skipped'])})")
+        warnings.warn(f"step {record['step']}: {what}; step skipped, parameters unchanged",
+                      NonFiniteStepWarning, stacklevel=4)
+        if self.bad_steps >= self.config.max_bad_steps:
+            self._stop_for_bad_steps(record)
+        if self._stop_requested():
+            self._interrupt(self._stop_requested(), self._last_saved)
+
+    def _periodic_work(self) -> None:
+        """After a step taken: the checkpoint, a pending signal, the evaluation and the samples that fall due
+        (those of the last step are left to _finish)."""
+        at_end = self.step >= self.total_steps
+        if self._periodic(self.config.checkpoint_every) and not at_end:
+            self.save()
+            self._last_saved = self.step
+        if self._stop_requested():
+            self._interrupt(self._stop_requested(), self._last_saved)
+        if self._periodic(self.config.eval_every) and not at_end:
+            test = self._log_evaluation()
+            self._progress.write(f"step {self.step}: test bits/dim {float(test.mean()):.4f}")
+        if self._periodic(self.config.sample_every) and not at_end:
+            self.write_samples()
+
+    def _log_evaluation(self) -> torch.Tensor:
+        test = self.evaluate()
+        self._metrics.write({"step": self.step, "test_bpd": float(test.mean()),
+                             "test_bpd_stderr": standard_error(test), "ema": self.ema is not None})
+        return test
+
+    def _finish(self) -> TrainResult:
+        """The final checkpoint, evaluation, samples and baseline (or the stop a pending signal asks for)."""
+        if self._last_saved != self.step:
+            self.save()
+            self._last_saved = self.step
+        stop = self._pending_stop()
+        if stop:
+            self._interrupt(stop, self._last_saved)
+        test = self._log_evaluation()
+        samples = self.write_samples()
+        baseline = self.dist.broadcast_object(self.baseline_bits_per_dim() if self.dist.is_main else None)
+        self._metrics.write({"step": self.step, "baseline_bpd": baseline})
         return TrainResult(step=self.step, out=self.out, checkpoint=self.checkpoint_path,
                            test_bpd=float(test.mean()), test_bpd_stderr=standard_error(test), baseline_bpd=baseline,
                            samples=samples, used_ema=self.ema is not None, test_images=int(test.numel()))
 
 
-def standard_error(values: torch.Tensor) -> float:
-    """Standard error of the mean of `values` (nan for fewer than two)."""
-    n = values.numel()
-    return float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+class _Progress:
+    """The tqdm progress bar of a run (rank 0, when asked for), with smoothed bits/dim, images/s and memory."""
+
+    def __init__(self, trainer: Trainer, main: bool, show_bar: bool) -> None:
+        from tqdm import tqdm
+
+        # In a log file (not a terminal) a bar redrawn ten times a second floods it: redraw every 10 s there.
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=not (show_bar and main), unit="step",
+                        dynamic_ncols=True, desc="train", mininterval=0.1 if interactive else 10.0)
+        self.main = main
+        self.bpd: Optional[float] = None
+        self.rate: Optional[float] = None
+
+    def step(self, record: Dict) -> None:
+        self.bpd = record["bpd"] if self.bpd is None else 0.9 * self.bpd + 0.1 * record["bpd"]
+        rate = record["images_per_s"]
+        self.rate = rate if self.rate is None else 0.9 * self.rate + 0.1 * rate
+        self.bar.update(1)
+        self.bar.set_postfix(bpd=f"{self.bpd:.3f}", img_s=f"{self.rate:.0f}", mem=f"{record['peak_memory_mb']:.0f}MB",
+                             refresh=False)
+
+    def write(self, message: str) -> None:
+        """A line above the bar (rank 0 only; printed with the bar off too)."""
+        if self.main:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def load_resume_state(path: str) -> Dict:

@@ -194,7 +194,8 @@ def test_fresh_run_refuses_a_folder_that_holds_files(tmp_path, digits):
 
 def test_stop_signals_first_asks_second_stops_at_once():
     import signal as signals
-    from revglow.train import TrainingInterrupted, _StopSignals
+    from revglow.train import TrainingInterrupted
+    from revglow.signals import StopSignals as _StopSignals
 
     class Owner:
         step = 7
@@ -348,7 +349,7 @@ def test_resume_applies_new_training_options(tmp_path, digits):
 
 
 def test_tensorboard_is_opt_in_and_gets_sample_grids(tmp_path, digits, monkeypatch):
-    import revglow.train as train_module
+    import revglow.metrics as metrics_module
 
     writers = []
 
@@ -369,7 +370,7 @@ def test_tensorboard_is_opt_in_and_gets_sample_grids(tmp_path, digits, monkeypat
         def close(self):
             pass
 
-    monkeypatch.setattr(train_module, "_summary_writer_class", lambda: FakeWriter)
+    monkeypatch.setattr(metrics_module, "_summary_writer_class", lambda: FakeWriter)
     Trainer(TINY, _config(tmp_path / "off", max_steps=1), data=digits).run()
     assert writers == []
     Trainer(TINY, _config(tmp_path / "on", max_steps=1, tensorboard=True), data=digits).run()

@@ -5,12 +5,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from revglow.errors import RevglowError
 from revglow.layers.base import InvertibleModule
 
 __all__ = ["ActNorm", "DegenerateInitError"]
 
 
-class DegenerateInitError(ValueError):
+class DegenerateInitError(RevglowError, ValueError):
     """Data-dependent init saw a batch that cannot set a scale: one value per channel, or zero variance."""
 
 

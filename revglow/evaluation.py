@@ -1,0 +1,100 @@
+"""Held-out bits/dim of a model, and loading a trained model from a checkpoint (EMA weights when present).
+
+Example:
+    >>> model = load_model("runs/digits/checkpoint.pt", torch.device("cpu"))         # doctest: +SKIP
+    >>> bpd = evaluate_bits_per_dim(model, load_dataset("digits").test, 256, torch.device("cpu"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Dict, Iterator, Optional, Union
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import GlowConfig
+from .errors import ConfigError
+from .model import Glow
+from .sampling import make_eval_loader
+
+__all__ = ["evaluate_bits_per_dim", "standard_error", "load_model", "isolated_rng", "sample_labels"]
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Run a block with the global RNGs seeded to `seed`, then put them back as they were.
+
+    Evaluation and sampling inside training use this, so they are reproducible and never shift the
+    training run's dequantization noise (which exact resume depends on).
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+
+@torch.no_grad()
+def evaluate_bits_per_dim(model: Glow, dataset, batch_size: int, device: torch.device, draws: int = 1,
+                          seed: int = 0, workers: int = 0) -> torch.Tensor:
+    """Per-image test bits/dim [N] (float64, on the CPU), averaged over `draws` dequantization draws.
+
+    The dequantization noise is seeded with `seed` and the global RNGs are restored afterwards.
+    """
+    if draws < 1:
+        raise ConfigError(f"draws must be >= 1; got {draws}")
+    conditional = model.config.num_classes > 0
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        with isolated_rng(seed):
+            for draw in range(draws):
+                per_image = []
+                for x, y in make_eval_loader(dataset, batch_size, workers):
+                    x = x.to(device)
+                    y = y.to(device) if conditional else None
+                    per_image.append(model.bits_per_dim(model.preprocess(x), y).double().cpu())
+                results.append(torch.cat(per_image))
+    finally:
+        model.train(was_training)
+    return torch.stack(results).mean(dim=0)
+
+
+def sample_labels(model: Glow, n: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Labels 0, 1, ..., k-1, 0, 1, ... for n samples of a class-conditional model; None for an unconditional one."""
+    k = model.config.num_classes
+    return torch.arange(n, device=device) % k if k > 0 else None
+
+
+def load_model(state: Union[Dict, str, os.PathLike], device: torch.device, use_ema: bool = True) -> Glow:
+    """A Glow built from a checkpoint's config and weights (the EMA weights when present and use_ema).
+
+    `state` is a checkpoint path (read with `load_checkpoint`, which verifies it) or a dict it returned.
+    Weights that are not finite are refused: a finished revglow run never saves them.
+    """
+    if not isinstance(state, dict):
+        state = load_checkpoint(state, required=("model", "glow_config"))
+    model = Glow(GlowConfig.from_dict(state["glow_config"]))
+    model.load_state_dict(state["model"])
+    ema = state.get("ema")
+    if use_ema and ema and ema.get("shadow"):
+        missing = set(ema["shadow"]) - set(dict(model.named_parameters()))
+        if missing:
+            raise CheckpointError(f"the checkpoint's EMA weights name unknown parameters {sorted(missing)[:3]}")
+        model.load_state_dict(ema["shadow"], strict=False)
+    bad = [name for name, value in model.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"the checkpoint's weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                              f"it is corrupt or was not written by revglow train")
+    return model.to(device).eval()
+
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of `values` (nan for fewer than two)."""
+    n = values.numel()
+    return float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
