@@ -17,13 +17,41 @@ from revglow.layers import FlowStep, SplitPrior, TopPrior, squeeze2d, unsqueeze2
 from revglow.layers.actnorm import ActNorm
 from revglow.reversible import ReversibleSequence
 
-__all__ = ["Glow"]
+__all__ = ["Glow", "Level"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
 def _standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (eps * eps + _LOG_2PI)).flatten(1).sum(1)
+
+
+class Level(nn.Module):
+    """One scale of the multi-scale architecture (paper, Figure 2b): squeeze, K flow steps, and (except at the
+    top) a split that factors out half of the channels as this level's latent.
+
+    `forward(x, context) -> (h, eps, logdet)` and `inverse(h, eps, context) -> x` are exact inverses; `eps` is
+    None for the top level (no split). `context` is already resized to this level (`size`).
+    """
+
+    def __init__(self, flow: ReversibleSequence, split: Optional[SplitPrior], size) -> None:
+        super().__init__()
+        self.flow = flow
+        self.split = split
+        self.size = tuple(size)     # (H, W) at which the steps run
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None):
+        h, logdet = self.flow(squeeze2d(x), context)
+        if self.split is None:
+            return h, None, logdet
+        h, eps, ld = self.split(h)
+        return h, eps, logdet + ld
+
+    def inverse(self, h: torch.Tensor, eps: Optional[torch.Tensor], context: Optional[torch.Tensor] = None):
+        if self.split is not None:
+            h, _ = self.split.inverse(h, eps)
+        h, _ = self.flow.inverse(h, context)
+        return unsqueeze2d(h)
 
 
 class Glow(nn.Module):
@@ -67,7 +95,16 @@ class Glow(nn.Module):
                 c = split.kept
         self.latent_shapes.append((c, h, w))
         self.top_prior = TopPrior((c, h, w), config.learn_top, config.num_classes)
+        # The levels share their modules with `flows` and `splits`, which own them: the state_dict keys (and the EMA
+        # names in checkpoints) stay flows.L.* and splits.L.*. A plain list, so nothing is registered twice.
+        self._levels = [Level(flow, self.splits[i] if i < len(self.splits) else None, size)
+                        for i, (flow, size) in enumerate(zip(self.flows, self.level_sizes))]
         self._actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]   # a plain list: not submodules
+
+    @property
+    def levels(self) -> List[Level]:
+        """The L levels, bottom (full resolution) first."""
+        return list(self._levels)
 
     # ----------------------------------------------------------------------------------------- checks
     @property
@@ -117,6 +154,20 @@ class Glow(nn.Module):
         if not torch.isfinite(xc).all():
             raise ValueError(f"Glow.{what}: input contains NaN or Inf")
 
+    def _check_inputs(self, what: str, images=None, raw: bool = False, y=None, context=None, n: Optional[int] = None,
+                      initialized: bool = True):
+        """Every check of a public call, in one place: the images (raw: uint8 or float in [0, 1]; else preprocessed
+        floats), then labels and context for a batch of n (default: the images'), then that the model is
+        initialized. Returns (y, context) as the model uses them."""
+        if images is not None:
+            (self._check_raw_images if raw else self._check_preprocessed)(images, what)
+            n = images.shape[0]
+        y = self._check_labels(y, n, what)
+        context = self._check_context(context, n, what)
+        if initialized:
+            self._require_initialized(what)
+        return y, context
+
     def _check_labels(self, y, n: int, what: str):
         k = self.config.num_classes
         if k == 0:
@@ -157,10 +208,10 @@ class Glow(nn.Module):
     def _level_contexts(self, context) -> List[Optional[torch.Tensor]]:
         """The context resized to each level's spatial size: area average when shrinking, bilinear when growing."""
         if context is None:
-            return [None] * len(self.flows)
+            return [None] * len(self._levels)
         context = context.to(self._param_dtype())
         out = []
-        for h, w in self.level_sizes:
+        for h, w in self.level_sizes:   # the sizes of self._levels
             if context.shape[2] >= h and context.shape[3] >= w:
                 out.append(F.adaptive_avg_pool2d(context, (h, w)))
             else:
@@ -202,24 +253,18 @@ class Glow(nn.Module):
         logdet = torch.zeros(xc.shape[0], dtype=xc.dtype, device=xc.device)
         latents: List[torch.Tensor] = []
         h = xc
-        for level, (flow, level_context) in enumerate(zip(self.flows, self._level_contexts(context))):
-            h = squeeze2d(h)
-            h, ld = flow(h, level_context)
+        for level, level_context in zip(self._levels, self._level_contexts(context)):
+            h, eps, ld = level(h, level_context)
             logdet = logdet + ld
-            if level < len(self.splits):
-                h, eps, ld = self.splits[level](h)
+            if eps is not None:
                 latents.append(eps)
-                logdet = logdet + ld
         eps, ld = self.top_prior(h, y)
         latents.append(eps)
         return latents, logdet + ld
 
     def encode(self, xc: torch.Tensor, y=None, context=None) -> List[torch.Tensor]:
         """Preprocessed images -> one standard-normal latent per level (split priors' standardization included)."""
-        self._check_preprocessed(xc, "encode")
-        y = self._check_labels(y, xc.shape[0], "encode")
-        context = self._check_context(context, xc.shape[0], "encode")
-        self._require_initialized("encode")
+        y, context = self._check_inputs("encode", xc, y=y, context=context)
         return self._encode(xc, y, context)[0]
 
     def decode(self, latents: List[torch.Tensor], y=None, context=None) -> torch.Tensor:
@@ -233,22 +278,16 @@ class Glow(nn.Module):
                 got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
                 raise ValueError(f"Glow.decode: latent {i} must have shape [N, {shape[0]}, {shape[1]}, {shape[2]}]; "
                                  f"got {got}")
-        y = self._check_labels(y, n, "decode")
-        contexts = self._level_contexts(self._check_context(context, n, "decode"))
+        y, context = self._check_inputs("decode", y=y, context=context, n=n, initialized=False)
+        contexts = self._level_contexts(context)
         h, _ = self.top_prior.inverse(latents[-1], y)
-        for level in reversed(range(len(self.flows))):
-            if level < len(self.splits):
-                h, _ = self.splits[level].inverse(h, latents[level])
-            h, _ = self.flows[level].inverse(h, contexts[level])
-            h = unsqueeze2d(h)
+        for i in reversed(range(len(self._levels))):
+            h = self._levels[i].inverse(h, latents[i] if i < len(self.splits) else None, contexts[i])
         return h
 
     def log_prob(self, xc: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Per-sample log density of preprocessed images in nats: sum log N(eps; 0, I) + log|det d eps / d xc|."""
-        self._check_preprocessed(xc, "log_prob")
-        y = self._check_labels(y, xc.shape[0], "log_prob")
-        context = self._check_context(context, xc.shape[0], "log_prob")
-        self._require_initialized("log_prob")
+        y, context = self._check_inputs("log_prob", xc, y=y, context=context)
         return self._log_prob(xc, y, context)
 
     def _log_prob(self, xc: torch.Tensor, y, context=None) -> torch.Tensor:
@@ -269,9 +308,7 @@ class Glow(nn.Module):
 
     def forward(self, x: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1])."""
-        self._check_raw_images(x, "forward")
-        y = self._check_labels(y, x.shape[0], "forward")
-        context = self._check_context(context, x.shape[0], "forward")
+        y, context = self._check_inputs("forward", x, raw=True, y=y, context=context, initialized=False)
         if not self.is_initialized:
             self._initialize(x, y, context)
         # x and y were checked above: no second pass over the data for the same checks
@@ -282,9 +319,8 @@ class Glow(nn.Module):
         """Data-dependent initialization of every ActNorm on a batch of images (paper, section 3.1). Inside an
         initialized torch.distributed process group, call it on every rank with its shard: the statistics are
         those of all shards together, so every rank ends with the same parameters."""
-        self._check_raw_images(x, "initialize")
-        self._initialize(x, self._check_labels(y, x.shape[0], "initialize"),
-                         self._check_context(context, x.shape[0], "initialize"))
+        y, context = self._check_inputs("initialize", x, raw=True, y=y, context=context, initialized=False)
+        self._initialize(x, y, context)
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor, y, context=None) -> None:
