@@ -34,6 +34,7 @@ the sequence at the latest), so a training step makes no synchronization.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -43,6 +44,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from revglow.config import MEMORY_MODES, RECONSTRUCTION_CHECKS
+from revglow.replay_reuse import ChildCallMemo, reuses_inverse
 
 __all__ = ["ReversibleSequence", "ReconstructionError", "ReconstructionWarning", "MEMORY_MODES", "inverse_vjp_by_replay",
            "vjp", "StepContractError"]
@@ -132,18 +134,20 @@ def inverse_vjp_by_replay(step: nn.Module, y: Tensor, grad_y: Tensor, grad_logde
     """Backward of a step that offers only forward and inverse: invert, then replay the forward under autograd.
 
     Returns (x, dL/dx, {param: dL/dparam}) like `inverse_vjp`, plus dL/dcontext when a context is given; costs
-    one inverse and one forward more than a step that computes its backward from the inverse directly.
+    one inverse and one forward more than a step that computes its backward from the inverse directly, or only
+    the inverse when the step sets `reuse_inverse_computations = True` (see revglow.replay_reuse).
     `before_each` runs before the inverse and before the replay (the engine restores the forward's RNG state
     there, so both see the dropout masks of the forward).
     """
+    memo = ChildCallMemo(step) if reuses_inverse(step) else None
     if before_each is not None:
         before_each()
-    with torch.no_grad():
+    with torch.no_grad(), (memo.recording() if memo else contextlib.nullcontext()):
         x, _ = step.inverse(y) if context is None else step.inverse(y, context.detach())
     x = x.detach().requires_grad_(True)
     if before_each is not None:
         before_each()
-    with torch.enable_grad():
+    with torch.enable_grad(), (memo.replaying() if memo else contextlib.nullcontext()):
         y_again, logdet = step(x) if context is None else step(x, context)
     params = [p for p in step.parameters() if p.requires_grad]
     wants_context = context is not None and context.requires_grad
