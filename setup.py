@@ -18,6 +18,8 @@ setup(
         "triton": ["triton>=3.0"],
         "data": ["scikit-learn", "Pillow", "tqdm"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "Pillow", "tqdm", "triton>=3.0"],
+        # peers and plots for benchmarks/engines.py (install memcnn and revlib with --no-deps to keep your torch)
+        "bench": ["memcnn", "revlib", "matplotlib"],
     },
     entry_points={"console_scripts": ["revglow=revglow.cli:main"]},
 )
