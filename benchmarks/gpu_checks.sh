@@ -6,7 +6,10 @@
 #   2. benchmarks/kernels.py: per-op Triton vs eager, GB/s against a copy, the 256x256 training step;
 #   3. step time and activation memory of the memory modes on the GPU, kernels triton vs torch;
 #   4. the pytest-benchmark micro-benchmarks (benchmarks/test_ops.py, as `make bench-ops`), saved under
-#      $OUT/micro/ in the format `pytest-benchmark compare` reads; copy them to benchmarks/results/micro/cuda/.
+#      $OUT/micro/ in the format `pytest-benchmark compare` reads; copy them to benchmarks/results/micro/cuda/;
+#   5. torch.compile against eager (benchmarks/compile_step.py) on CUDA.
+# Right after the tests: a training step of each memory mode under torch.cuda.set_sync_debug_mode("error"), which
+# raises on any host-device synchronization (the CPU test can only count them).
 # Logs and JSON rows go to $OUT (the device tool's output folder) or benchmarks/results/gpu/.
 #   bash benchmarks/gpu_checks.sh
 set -uo pipefail
@@ -39,6 +42,29 @@ for call in ("first", "second"):
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== no host-device synchronization in a training step (CUDA, kernels torch and auto)"
+timeout 120 "$py" - <<'PY' 2>&1 | tee "$out/syncs.log"
+import torch
+from revglow import Glow, GlowConfig
+x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
+for kernels in ("torch", "auto"):
+    for memory in ("reversible", "checkpoint", "autograd"):
+        model = Glow(GlowConfig(levels=3, depth=8, hidden=128, memory=memory, kernels=kernels)).cuda()
+        model.initialize(x)
+        model(x).mean().backward()               # warm-up (and the kernels' self-check under auto)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x).mean().backward()
+            result = "no synchronization"
+        except RuntimeError as exc:
+            result = f"SYNCHRONIZES: {str(exc).splitlines()[0]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        print(f"kernels={kernels} memory={memory}: {result}")
+PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== kernel benchmark"
 timeout 300 "$py" benchmarks/kernels.py --results "$out/kernels.jsonl" 2>&1 | tee "$out/kernels.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -60,4 +86,8 @@ timeout 120 "$py" -m pytest -q -p no:cacheprovider benchmarks/test_ops.py --benc
     --benchmark-storage="$out/micro" --benchmark-group-by=group --benchmark-columns=min,median,max,iqr,rounds \
     --benchmark-max-time=0.1 2>&1 | tee "$out/micro.log" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== torch.compile against eager (CUDA; the first compiled step includes the compilation)"
+timeout 180 "$py" benchmarks/compile_step.py --device cuda --kernels torch --batch-size 32 --rounds 10 \
+    --results "$out/compile_step.jsonl" 2>&1 | tee "$out/compile.log" | tail -6
 exit $status
