@@ -232,15 +232,20 @@ class Glow(nn.Module):
             x8 = torch.round(x.to(self._param_dtype()) * 255.0)
         return torch.floor(x8 / 2 ** (8 - self.config.n_bits))
 
-    def preprocess(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
-        """Reduce to n_bits, scale to [-0.5, 0.5], add uniform dequantization noise of one bin's width."""
+    def preprocess(self, x: torch.Tensor, noise: bool = True,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Reduce to n_bits, scale to [-0.5, 0.5], add uniform dequantization noise of one bin's width, drawn from
+        `generator` (a torch.Generator on x's device; None: the global RNG)."""
         self._check_raw_images(x, "preprocess")
-        return self._dequantize(x, noise)
+        return self._dequantize(x, noise, generator)
 
-    def _dequantize(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
+    def _dequantize(self, x: torch.Tensor, noise: bool = True,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
         xc = self.quantize(x) / self.n_bins - 0.5
         if noise:
-            xc = xc + torch.rand_like(xc) / self.n_bins
+            u = (torch.rand_like(xc) if generator is None else
+                 torch.rand(xc.shape, generator=generator, dtype=xc.dtype, device=xc.device))
+            xc = xc + u / self.n_bins
         return xc
 
     def postprocess(self, xc: torch.Tensor) -> torch.Tensor:
@@ -306,13 +311,14 @@ class Glow(nn.Module):
         d = self.config.num_dims
         return -(log_prob - d * math.log(self.n_bins)) / (d * math.log(2.0))
 
-    def forward(self, x: torch.Tensor, y=None, context=None) -> torch.Tensor:
-        """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1])."""
+    def forward(self, x: torch.Tensor, y=None, context=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1]); the dequantization
+        noise comes from `generator` (None: the global RNG)."""
         y, context = self._check_inputs("forward", x, raw=True, y=y, context=context, initialized=False)
         if not self.is_initialized:
             self._initialize(x, y, context)
         # x and y were checked above: no second pass over the data for the same checks
-        return self._bits_per_dim(self._log_prob(self._dequantize(x), y, context))
+        return self._bits_per_dim(self._log_prob(self._dequantize(x, generator=generator), y, context))
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y=None, context=None) -> None:

@@ -39,7 +39,7 @@ from .data import ImageData, load_dataset, stack_images
 from .distributed import DistributedContext
 from .errors import ConfigError, RevglowError
 from .ema import ExponentialMovingAverage
-from .evaluation import evaluate_bits_per_dim, isolated_rng, load_model, sample_labels, standard_error
+from .evaluation import evaluate_bits_per_dim, load_model, sample_labels, standard_error
 from .images import make_grid, save_grid
 from .layers import actnorm as _actnorm_module
 from .metrics import METRICS_NAME, MetricsLog, NoMetrics, peak_memory_mb

@@ -96,7 +96,7 @@ def _init_group(rank: int, port: int) -> None:
 def _without_noise():
     """Dequantization without noise, so that sharded and whole-batch computations see the same inputs."""
     real = Glow._dequantize
-    Glow._dequantize = lambda self, x, noise=True: real(self, x, False)
+    Glow._dequantize = lambda self, x, noise=True, generator=None: real(self, x, False)
 
 
 def _init_worker(rank: int, port: int, x: torch.Tensor, path: str) -> None:

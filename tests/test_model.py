@@ -165,3 +165,43 @@ def test_conditional_sampling_uses_the_label():
     a = model.sample(4, temperature=0.0, y=0)
     b = model.sample(4, temperature=0.0, y=torch.full((4,), 2))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("check", ["raise", "warn"])
+def test_reconstruction_check_of_a_real_glow_catches_a_changed_weight(check):
+    """A weight changed between forward and backward (through .data) makes the rebuilt inputs wrong: the check of
+    a real Glow model raises or warns, and the per-level errors say which level saw it."""
+    from revglow import ReconstructionError, ReconstructionWarning
+
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=8, check_reconstruction=check,
+                            kernels="torch"))
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    model.initialize(x)
+    loss = model(x).mean()
+    with torch.no_grad():
+        model.flows[1].steps[0].actnorm.bias.add_(1.0)   # the top level's first step
+    if check == "raise":
+        with pytest.raises(ReconstructionError):
+            loss.backward()
+    else:
+        with pytest.warns(ReconstructionWarning):
+            loss.backward()
+        errors = model.reconstruction_errors()
+        assert float(errors[1].max()) > 1e-2
+
+
+def test_levels_invert_each_other_and_state_dict_keys_are_those_of_saved_checkpoints():
+    """Each Level's inverse undoes its forward; the Level modules add no state_dict keys, so checkpoints saved
+    before them (flows.L.*, splits.L.*, top_prior.*) still load."""
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=8, kernels="torch")).double()
+    model.initialize(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64) - 0.5
+    for level in model.levels:
+        h, eps, _ = level(x)
+        torch.testing.assert_close(level.inverse(h, eps), x, rtol=1e-10, atol=1e-10)
+        x = h
+    prefixes = {key.split(".")[0] for key in model.state_dict()}
+    assert prefixes == {"flows", "splits", "top_prior"}
+    fresh = Glow(model.config).double()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.is_initialized

@@ -397,3 +397,22 @@ def test_metrics_log_the_reconstruction_error_of_each_level(tmp_path, digits):
     Trainer(off, _config(tmp_path / "off", max_steps=1), data=digits).run()
     rows = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
     assert all("reconstruction_error" not in r for r in rows)
+
+
+def test_real_reconstruction_check_of_glow_raises_or_warns_in_the_trainer(tmp_path, digits):
+    """No stand-in: a real Glow whose float32 rebuild differs from its input by rounding, against a tolerance below
+    rounding. "raise" makes every step a skipped one with the reconstruction advice, then a stop; "warn" trains
+    on and warns, naming the samples."""
+    from revglow import ReconstructionWarning
+
+    strict = dict(TINY.to_dict(), image_shape=TINY.image_shape, reconstruction_tol=1e-30)
+    trainer = Trainer(GlowConfig(**dict(strict, check_reconstruction="raise")),
+                      _config(tmp_path / "raise", max_steps=5, max_bad_steps=2), data=digits)
+    with pytest.warns(NonFiniteStepWarning, match="ReconstructionError"):
+        with pytest.raises(TrainingDiverged, match=r"non-invertible.*--memory checkpoint"):
+            trainer.run()
+    assert trainer.step == 0
+    with pytest.warns(ReconstructionWarning):
+        result = Trainer(GlowConfig(**dict(strict, check_reconstruction="warn")),
+                         _config(tmp_path / "warn", max_steps=2), data=digits).run()
+    assert result.step == 2
