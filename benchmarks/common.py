@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from typing import Dict, Iterable
 
 import torch
@@ -55,3 +56,17 @@ def append_rows(path: str, rows: Iterable[dict]) -> str:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     return path
+
+
+def timed_training_step(model, x, device: torch.device) -> float:
+    """Seconds of one forward + backward of `model(x).mean()`, gradients cleared first, the device drained on
+    both sides (on CUDA) so that the time is the step's own."""
+    for p in model.parameters():
+        p.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    model(x).mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0

@@ -11,13 +11,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import append_rows, environment  # noqa: E402
+from common import append_rows, environment, timed_training_step  # noqa: E402
 from revglow import Glow, GlowConfig  # noqa: E402
 
 
@@ -50,15 +49,7 @@ def main(argv=None) -> int:
     models["compiled"].load_state_dict(models["eager"].state_dict())
 
     def step(model):
-        for p in model.parameters():
-            p.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(x).mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed_training_step(model, x, device)
 
     first = {name: step(model) for name, model in models.items()}   # includes compilation
     times = {name: [] for name in models}
