@@ -6,14 +6,10 @@ tests run unchanged on a GPU.
 """
 import os
 
-import torch
-
-# Triton reads TRITON_INTERPRET when it is imported: set it before anything imports triton, so kernels run
-# (as the real kernel code, on CPU tensors) under the interpreter on a machine without a GPU.
-if not torch.cuda.is_available() or os.environ.get("REVGLOW_TEST_DEVICE", "") == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton_env  # noqa: F401  (first: sets TRITON_INTERPRET before anything imports triton)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # A script run in its own process by test_kernels_compile.py (it refuses to import under the interpreter),
 # not a module for --doctest-modules to import.

@@ -1,20 +1,20 @@
 """Helpers shared by the kernel tests: device choice, normwise errors, well-conditioned random parameters.
 
 Kernel tests run the real Triton kernels: on CUDA when REVGLOW_TEST_DEVICE=cuda (or, unset, when a GPU is
-present), else on CPU tensors under the Triton interpreter. tests/conftest.py sets TRITON_INTERPRET=1 on a
-machine without a GPU before anything imports triton; the same is done here, so that a test module that
-imports this one first also works without the conftest.
+present), else on CPU tensors under the Triton interpreter, set up by tests/triton_env.py (imported by
+conftest.py, and here, so that a test module that imports this one first also works without the conftest).
 """
 from __future__ import annotations
 
 import os
 
-import torch
-
-if not torch.cuda.is_available() or os.environ.get("REVGLOW_TEST_DEVICE", "") == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import triton_env  # noqa: F401  (first: sets TRITON_INTERPRET before anything imports triton)
+except ImportError:  # tests/ imported as a package
+    from tests import triton_env  # noqa: F401
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from flow_checks import rel_err  # noqa: E402,F401  (re-exported for the kernel tests)
 
@@ -30,7 +30,7 @@ def kernel_device() -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("REVGLOW_TEST_DEVICE=cuda but no CUDA device is available")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if device.type == "cpu" and not triton_env.interpreting():
         pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)")
     pytest.importorskip("triton")
     return device

@@ -38,10 +38,23 @@ def test_step_time_script(tmp_path, capsys):
     assert all(r["median_s"] > 0 and r["git"] and r["torch"] for r in rows)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory measurement needs /proc")
-def test_memory_vs_depth_script(tmp_path, capsys):
+def test_memory_vs_depth_script(tmp_path, capsys, monkeypatch):
+    """The script's table, ratios and rows. The measurement itself (a fresh subprocess per configuration) is
+    tests/test_memory.py's subject: here it answers with the configuration's depth, so no process is started."""
+    from revglow.profiling import training_step_memory_mib
+
+    calls = []
+
+    def measure(cfg, batch_size, device="cpu"):
+        calls.append((cfg.memory, cfg.depth))
+        activation = 1.0 if cfg.memory == "reversible" else float(cfg.depth)
+        return {"activation_mib": activation, "peak_mib": 100.0 + activation, "before_mib": 100.0}
+
     results = str(tmp_path / "mem.jsonl")
-    _load("memory_vs_depth").main(["--depths", "1", "2", "--modes", "reversible", "autograd", "--image-size", "16",
+    module = _load("memory_vs_depth")
+    assert module.training_step_memory_mib is training_step_memory_mib
+    monkeypatch.setattr(module, "training_step_memory_mib", measure)
+    module.main(["--depths", "1", "2", "--modes", "reversible", "autograd", "--image-size", "16",
                                    "--hidden", "8", "--batch-size", "2", "--results", results])
     out = capsys.readouterr().out
     assert "autograd / reversible at K=2" in out
@@ -49,3 +62,4 @@ def test_memory_vs_depth_script(tmp_path, capsys):
     assert [(r["mode"], r["depth"]) for r in rows] == [("reversible", 1), ("reversible", 2), ("autograd", 1),
                                                        ("autograd", 2)]
     assert all(r["peak_mib"] >= r["before_mib"] > 0 for r in rows)
+    assert calls == [("reversible", 1), ("reversible", 2), ("autograd", 1), ("autograd", 2)]
