@@ -1,6 +1,8 @@
 """ActNorm (paper, section 3.1): a per-channel affine map y = s * x + b with data-dependent initialization."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,7 +26,10 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 class ActNorm(InvertibleModule):
-    """y = exp(log_scale) * x + bias, per channel; logdet = H * W * sum(log_scale).
+    """y = exp(f * log_scale) * x + bias, per channel; logdet = H * W * f * sum(log_scale), f = `logscale_factor`.
+
+    The log-scale is stored divided by `logscale_factor` (the reference implementation uses 3): the map and its
+    initialization are the same for every factor, only the size of the steps an optimizer takes on it changes.
 
     On its first forward (or on `initialize_from(x)`) the scale and bias are set so that the output has zero
     mean and unit variance per channel on that batch; inside an initialized torch.distributed process group the
@@ -39,10 +44,15 @@ class ActNorm(InvertibleModule):
         True
     """
 
-    def __init__(self, channels: int, eps: float = 1e-6):
+    def __init__(self, channels: int, eps: float = 1e-6, logscale_factor: float = 1.0):
         super().__init__()
+        if isinstance(logscale_factor, bool) or not isinstance(logscale_factor, (int, float)):
+            raise TypeError(f"ActNorm: logscale_factor must be a number; got {type(logscale_factor).__name__}")
+        if not math.isfinite(logscale_factor) or logscale_factor <= 0:
+            raise ValueError(f"ActNorm: logscale_factor must be a positive finite number; got {logscale_factor!r}")
         self.channels = channels
         self.eps = eps
+        self.logscale_factor = float(logscale_factor)
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
@@ -88,16 +98,20 @@ class ActNorm(InvertibleModule):
                 f"{flat.nonzero().flatten().tolist()[:8]} over {n} values: its scale would be 1/eps. Initialize on "
                 f"a larger or more varied batch (model.initialize(x); on the command line, --init-batch-size)")
         log_scale = -torch.log(std + self.eps)
-        self.log_scale.copy_(log_scale.to(self.log_scale.dtype))
+        self.log_scale.copy_((log_scale / self.logscale_factor).to(self.log_scale.dtype))
         self.bias.copy_((-mean * torch.exp(log_scale)).to(self.bias.dtype))
         self.initialized.fill_(True)
         self._is_initialized = True
 
+    def effective_log_scale(self) -> torch.Tensor:
+        """The log-scale of the map, logscale_factor * log_scale (the parameter holds it divided by the factor)."""
+        return self.log_scale * self.logscale_factor
+
     def scale(self) -> torch.Tensor:
-        return torch.exp(self.log_scale)
+        return torch.exp(self.effective_log_scale())
 
     def logdet_per_pixel(self) -> torch.Tensor:
-        return self.log_scale.sum()
+        return self.effective_log_scale().sum()
 
     def _logdet(self, x: torch.Tensor) -> torch.Tensor:
         return (self.logdet_per_pixel() * (x.shape[2] * x.shape[3])).expand(x.shape[0])
