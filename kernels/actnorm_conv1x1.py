@@ -33,6 +33,8 @@ input_precision="ieee" (or, opted into through DOT_INPUT_PRECISION below, "tf32x
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -42,9 +44,6 @@ __all__ = [
     "actnorm_conv1x1_inverse_launch",
     "actnorm_conv1x1_reversible_backward_launch",
 ]
-
-# Largest padded channel count that the single-pass backward holds in registers (W^-1, W^T, gW: C x C each).
-FUSED_BACKWARD_MAX_C_BLOCK = 64
 
 # input_precision of every tl.dot, read at launch time. "ieee": exact float32 FMAs (the default, and the
 # only choice on AMD). "tf32x3" (NVIDIA only): three TF32 tensor-core products per dot, error ~1e-6
@@ -63,6 +62,39 @@ def _tile_matmul(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     else:
         out = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return out
+
+
+@triton.jit
+def _k_looped_channel_product(
+    MAT,  # [C, C] float32 matrix, read as MAT[r, k] at r * ROW_STRIDE + k * COL_STRIDE
+    ROW_STRIDE,
+    COL_STRIDE,
+    INP,  # [N, C, HW] float32 activation
+    sample,  # offset of this sample in INP: n * C * HW
+    offs_r,  # [BLOCK_R] output rows (channels) of this program
+    mask_r,
+    offs_p,  # [BLOCK_P] pixels of this program
+    mask_p,
+    C,
+    HW,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """out[r, p] = sum_k MAT[r, k] * INP[n, k, p] over all C input channels, BLOCK_K at a time (the K loop of
+    the channel mix and of the wide backward's rebuild). Padded rows, channels and pixels load as zero."""
+    acc = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C
+        inp = tl.load(INP + sample + offs_k[:, None] * HW + offs_p[None, :],
+                      mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        mat = tl.load(MAT + offs_r[:, None] * ROW_STRIDE + offs_k[None, :] * COL_STRIDE,
+                      mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc += _tile_matmul(mat, inp, USE_DOT, DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -93,14 +125,8 @@ def _channel_affine_mix_kernel(
     mask_p = offs_p < HW
     sample = n * C * HW
 
-    acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C
-        inp = tl.load(INP + sample + offs_k[:, None] * HW + offs_p[None, :],
-                      mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-        a = tl.load(A + offs_co[:, None] * C + offs_k[None, :], mask=mask_co[:, None] & mask_k[None, :], other=0.0)
-        acc += _tile_matmul(a, inp, USE_DOT, DOT_PRECISION)
+    acc = _k_looped_channel_product(A, C, 1, INP, sample, offs_co, mask_co, offs_p, mask_p, C, HW,
+                                    BLOCK_CO, BLOCK_K, BLOCK_P, USE_DOT, DOT_PRECISION)
     bias = tl.load(BIAS + offs_co, mask=mask_co, other=0.0)
     acc += bias[:, None]
     tl.store(OUT + sample + offs_co[:, None] * HW + offs_p[None, :], acc, mask=mask_co[:, None] & mask_p[None, :])
@@ -191,8 +217,8 @@ def _actnorm_conv1x1_bwd_rebuild_kernel(
     BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Wide-channel path (C > 64): channels [c0, c0 + BLOCK_C) of u = W^-1 y and gu = W^T gy for one
-    # pixel tile, accumulated over K blocks of y and gy.
+    # Wide-channel path (C > 64; BLOCK_C, BLOCK_K >= 16, so tl.dot): channels [c0, c0 + BLOCK_C) of
+    # u = W^-1 y and gu = W^T gy for one pixel tile, accumulated over K blocks of y and gy.
     pid = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     c_block = pid % NUM_C_BLOCKS
@@ -203,19 +229,11 @@ def _actnorm_conv1x1_bwd_rebuild_kernel(
     mask_p = offs_p < HW
     sample = n * C * HW
 
-    u = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    gu = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C
-        mask_kp = mask_k[:, None] & mask_p[None, :]
-        mask_ck = mask_c[:, None] & mask_k[None, :]
-        y = tl.load(Y + sample + offs_k[:, None] * HW + offs_p[None, :], mask=mask_kp, other=0.0)
-        gy = tl.load(GY + sample + offs_k[:, None] * HW + offs_p[None, :], mask=mask_kp, other=0.0)
-        w_inv = tl.load(WINV + offs_c[:, None] * C + offs_k[None, :], mask=mask_ck, other=0.0)
-        w_t = tl.load(W + offs_k[None, :] * C + offs_c[:, None], mask=mask_ck, other=0.0)  # W[k, c]
-        u += tl.dot(w_inv, y, input_precision=DOT_PRECISION)
-        gu += tl.dot(w_t, gy, input_precision=DOT_PRECISION)
+    # u = W^-1 y reads W^-1[c, k]; gu = W^T gy reads W[k, c] (row stride 1, column stride C).
+    u = _k_looped_channel_product(WINV, C, 1, Y, sample, offs_c, mask_c, offs_p, mask_p, C, HW,
+                                  BLOCK_C, BLOCK_K, BLOCK_P, True, DOT_PRECISION)
+    gu = _k_looped_channel_product(W, 1, C, GY, sample, offs_c, mask_c, offs_p, mask_p, C, HW,
+                                   BLOCK_C, BLOCK_K, BLOCK_P, True, DOT_PRECISION)
 
     scale = tl.load(SCALE + offs_c, mask=mask_c, other=1.0)
     bias = tl.load(BIAS + offs_c, mask=mask_c, other=0.0)
@@ -273,6 +291,73 @@ def _actnorm_conv1x1_grad_weight_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Block sizes: every tile, warp and program-count choice of the launchers, in one place.
+#
+# Checked by compiling for sm_90 (ptxas; tests/test_kernels_compile.py compiles exactly these), not yet timed
+# on a GPU. Under the interpreter they only decide how many masked tiles a test walks through.
+
+# Largest padded channel count that the single-pass backward holds in registers (W^-1, W^T, gW: C x C each).
+FUSED_BACKWARD_MAX_C_BLOCK = 64
+
+
+class MixTiles(NamedTuple):
+    """Tiles of the channel affine mix (forward and inverse) for one channel count."""
+    block_co: int   # output channels per program
+    block_k: int    # input channels per step of the K loop
+    block_p: int    # pixels per program
+    use_dot: bool   # tl.dot needs every block dim >= 16; below that, a broadcast multiply and sum
+    num_warps: int
+
+
+def mix_tiles(c: int) -> MixTiles:
+    c_block = triton.next_power_of_2(c)
+    block_co = min(c_block, 64)
+    block_k = min(c_block, 64)
+    block_p = max(16, min(256, 4096 // block_co))
+    if block_co < 16:  # broadcast product: a [BLOCK_CO, BLOCK_K, BLOCK_P] temporary
+        block_p = max(16, min(256, 2048 // (block_co * block_k)))
+    num_warps = 4 if block_co * block_p <= 2048 else 8
+    return MixTiles(block_co, block_k, block_p, block_co >= 16 and block_k >= 16, num_warps)
+
+
+class FusedBackwardTiles(NamedTuple):
+    """Tiles of the single-pass backward for a padded channel count C_BLOCK <= FUSED_BACKWARD_MAX_C_BLOCK."""
+    block_p: int
+    num_warps: int
+    use_dot: bool
+
+
+def fused_backward_tiles(c_block: int) -> FusedBackwardTiles:
+    """W^-1, W^T and the gW accumulator stay in registers across the loop, so pixel tiles are narrow and 8 warps
+    share them; these choices compile without spills (C_BLOCK 16 / 32 / 64: 94 / 178 / 192 registers)."""
+    if c_block >= 16:
+        return FusedBackwardTiles(32 if c_block <= 32 else 16, 8, True)
+    return FusedBackwardTiles(max(16, min(128, 1024 // (c_block * c_block))), 4, False)
+
+
+class WideBackwardTiles(NamedTuple):
+    """Tiles of the two-pass backward for C > FUSED_BACKWARD_MAX_C_BLOCK (always tl.dot: every dim >= 16)."""
+    block_c: int              # channel tile of both kernels
+    block_k: int              # K step of the rebuild kernel
+    rebuild_block_p: int      # pixel tile of the rebuild kernel
+    grad_weight_block_p: int  # pixel tile of the gW reduction: 16 keeps its 64 x 64 accumulator free of spills
+    num_warps: int
+
+
+WIDE_BACKWARD_TILES = WideBackwardTiles(block_c=64, block_k=64, rebuild_block_p=32, grad_weight_block_p=16,
+                                        num_warps=8)
+
+
+def _num_programs_persistent(device: torch.device, num_tiles: int) -> int:
+    """Programs of a persistent reduction kernel: a few per SM on a GPU, few under the interpreter."""
+    if device.type == "cuda":
+        per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        per_device = 4
+    return max(1, min(num_tiles, per_device))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Launchers
 
 
@@ -302,56 +387,17 @@ def _dot_precision() -> str:
     return DOT_INPUT_PRECISION
 
 
-def _num_programs_persistent(device: torch.device, num_tiles: int) -> int:
-    """Programs of a persistent reduction kernel: a few per SM on a GPU, few under the interpreter."""
-    if device.type == "cuda":
-        per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        per_device = 4
-    return max(1, min(num_tiles, per_device))
-
-
-def _mix_block_sizes(c: int):
-    c_block = triton.next_power_of_2(c)
-    block_co = min(c_block, 64)
-    block_k = min(c_block, 64)
-    block_p = max(16, min(256, 4096 // block_co))
-    if block_co < 16:  # broadcast product: a [BLOCK_CO, BLOCK_K, BLOCK_P] temporary
-        block_p = max(16, min(256, 2048 // (block_co * block_k)))
-    return block_co, block_k, block_p, block_co >= 16 and block_k >= 16
-
-
-def _fused_backward_config(c_block: int):
-    """(BLOCK_P, num_warps, USE_DOT) of the single-pass backward for a padded channel count <= 64.
-
-    Checked by compiling for sm_90 (ptxas; tests/test_kernels_compile.py), not yet timed on a GPU: W^-1,
-    W^T and the gW accumulator stay in registers across the loop, so pixel tiles are narrow and 8 warps
-    share them; these choices compile without spills (C_BLOCK 16 / 32 / 64: 94 / 178 / 192 registers).
-    """
-    if c_block >= 16:
-        return (32 if c_block <= 32 else 16), 8, True
-    return max(16, min(128, 1024 // (c_block * c_block))), 4, False
-
-
-# Wide-channel (C > 64) backward: channel and pixel tiles of the rebuild and gW-reduction kernels.
-WIDE_BLOCK_C, WIDE_BLOCK_K, WIDE_REBUILD_BLOCK_P, WIDE_GRAD_WEIGHT_BLOCK_P = 64, 64, 32, 16
-
-
-def _mix_num_warps(block_co: int, block_p: int) -> int:
-    return 4 if block_co * block_p <= 2048 else 8
-
-
 def _channel_affine_mix(inp: torch.Tensor, a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     n, c, h, w = inp.shape
     hw = h * w
     out = torch.empty_like(inp)
-    block_co, block_k, block_p, use_dot = _mix_block_sizes(c)
-    num_co_blocks = triton.cdiv(c, block_co)
-    grid = (num_co_blocks * triton.cdiv(hw, block_p), n)
+    tiles = mix_tiles(c)
+    num_co_blocks = triton.cdiv(c, tiles.block_co)
+    grid = (num_co_blocks * triton.cdiv(hw, tiles.block_p), n)
     _channel_affine_mix_kernel[grid](
         inp, out, a.contiguous(), bias.contiguous(), c, hw, num_co_blocks,
-        BLOCK_CO=block_co, BLOCK_K=block_k, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=_dot_precision(),
-        num_warps=_mix_num_warps(block_co, block_p),
+        BLOCK_CO=tiles.block_co, BLOCK_K=tiles.block_k, BLOCK_P=tiles.block_p, USE_DOT=tiles.use_dot,
+        DOT_PRECISION=_dot_precision(), num_warps=tiles.num_warps,
     )
     return out
 
@@ -383,9 +429,14 @@ def actnorm_conv1x1_inverse_launch(y: torch.Tensor, scale: torch.Tensor, bias: t
     return _channel_affine_mix(y, weight_inv / scale[:, None], -bias / scale)
 
 
+# (x or None, dL/dx, dL/dscale, dL/dbias, dL/dweight)
+BackwardResult = Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Tensor, scale: torch.Tensor,
                                                bias: torch.Tensor, weight: torch.Tensor,
-                                               weight_inv: torch.Tensor, *, return_input: bool = True):
+                                               weight_inv: torch.Tensor, *, return_input: bool = True
+                                               ) -> BackwardResult:
     """From y and dL/dy: (x, dL/dx, dL/dscale, dL/dbias, dL/dweight), semantics of the reference.
 
     For C <= 64, one pass over y and grad_y (each read once; x and grad_x written once) plus a sum over
@@ -395,51 +446,68 @@ def actnorm_conv1x1_reversible_backward_launch(y: torch.Tensor, grad_y: torch.Te
     """
     y = _check_activation("y", y)
     grad_y = _check_activation("grad_y", grad_y, y.shape)
-    n, c, h, w = y.shape
-    hw = h * w
+    c = y.shape[1]
     scale = _check_param("scale", scale, (c,), y.device)
     bias = _check_param("bias", bias, (c,), y.device)
     weight = _check_param("weight", weight, (c, c), y.device)
     weight_inv = _check_param("weight_inv", weight_inv, (c, c), y.device)
-    grad_x = torch.empty_like(y)
+    if triton.next_power_of_2(c) <= FUSED_BACKWARD_MAX_C_BLOCK:
+        x, grad_x, part_gs, part_gb, part_gw = _backward_single_pass(y, grad_y, scale, bias, weight, weight_inv,
+                                                                     return_input)
+    else:
+        x, grad_x, part_gs, part_gb, part_gw = _backward_two_pass(y, grad_y, scale, bias, weight, weight_inv)
+    return x if return_input else None, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)
+
+
+def _backward_single_pass(y, grad_y, scale, bias, weight, weight_inv, write_x: bool):
+    """C <= 64: one kernel; returns (x or a placeholder, grad_x, and the per-program partials of gs, gb, gW)."""
+    n, c, h, w = y.shape
+    hw = h * w
     c_block = triton.next_power_of_2(c)
+    tiles = fused_backward_tiles(c_block)
+    num_p_blocks = triton.cdiv(hw, tiles.block_p)
+    num_tiles = n * num_p_blocks
+    g = _num_programs_persistent(y.device, num_tiles)
+    grad_x = torch.empty_like(y)
+    x = torch.empty_like(y) if write_x else grad_x  # placeholder pointer, never written
+    part_gw = torch.empty((g, c, c), device=y.device, dtype=torch.float32)
+    part_gs = torch.empty((g, c), device=y.device, dtype=torch.float32)
+    part_gb = torch.empty((g, c), device=y.device, dtype=torch.float32)
+    _actnorm_conv1x1_bwd_fused_kernel[(g,)](
+        y, grad_y, x, grad_x, scale, bias, weight, weight_inv, part_gw, part_gs, part_gb,
+        c, hw, num_p_blocks, num_tiles,
+        C_BLOCK=c_block, BLOCK_P=tiles.block_p, USE_DOT=tiles.use_dot, DOT_PRECISION=_dot_precision(),
+        WRITE_X=write_x, num_warps=tiles.num_warps,
+    )
+    return x, grad_x, part_gs, part_gb, part_gw
 
-    if c_block <= FUSED_BACKWARD_MAX_C_BLOCK:
-        block_p, num_warps, use_dot = _fused_backward_config(c_block)
-        num_p_blocks = triton.cdiv(hw, block_p)
-        num_tiles = n * num_p_blocks
-        g = _num_programs_persistent(y.device, num_tiles)
-        x = torch.empty_like(y) if return_input else grad_x  # placeholder pointer, never written
-        part_gw = torch.empty((g, c, c), device=y.device, dtype=torch.float32)
-        part_gs = torch.empty((g, c), device=y.device, dtype=torch.float32)
-        part_gb = torch.empty((g, c), device=y.device, dtype=torch.float32)
-        _actnorm_conv1x1_bwd_fused_kernel[(g,)](
-            y, grad_y, x, grad_x, scale, bias, weight, weight_inv, part_gw, part_gs, part_gb,
-            c, hw, num_p_blocks, num_tiles,
-            C_BLOCK=c_block, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=_dot_precision(),
-            WRITE_X=return_input, num_warps=num_warps,
-        )
-        return x if return_input else None, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)
 
-    # Wide channels: rebuild x, gx and the gs / gb partials, then reduce gW from gy and x.
+def _backward_two_pass(y, grad_y, scale, bias, weight, weight_inv):
+    """C > 64: rebuild x, gx and the gs / gb partials, then reduce gW from gy and the rebuilt x."""
+    n, c, h, w = y.shape
+    hw = h * w
+    tiles = WIDE_BACKWARD_TILES
+    num_c_blocks = triton.cdiv(c, tiles.block_c)
     x = torch.empty_like(y)
-    block_c, block_k, block_p = WIDE_BLOCK_C, WIDE_BLOCK_K, WIDE_REBUILD_BLOCK_P
-    num_c_blocks = triton.cdiv(c, block_c)
-    num_p_blocks = triton.cdiv(hw, block_p)
+    grad_x = torch.empty_like(y)
+
+    num_p_blocks = triton.cdiv(hw, tiles.rebuild_block_p)
     part_gs = torch.empty((n * num_p_blocks, c), device=y.device, dtype=torch.float32)
     part_gb = torch.empty((n * num_p_blocks, c), device=y.device, dtype=torch.float32)
     _actnorm_conv1x1_bwd_rebuild_kernel[(num_c_blocks * num_p_blocks, n)](
         y, grad_y, x, grad_x, scale, bias, weight, weight_inv, part_gs, part_gb,
         c, hw, num_c_blocks, num_p_blocks,
-        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, DOT_PRECISION=_dot_precision(), num_warps=8,
+        BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_k, BLOCK_P=tiles.rebuild_block_p,
+        DOT_PRECISION=_dot_precision(), num_warps=tiles.num_warps,
     )
-    block_p = WIDE_GRAD_WEIGHT_BLOCK_P  # narrower: the 64 x 64 accumulator compiles without spills at 16
-    num_p_blocks = triton.cdiv(hw, block_p)
+
+    num_p_blocks = triton.cdiv(hw, tiles.grad_weight_block_p)
     num_tiles = n * num_p_blocks
     g = max(1, min(num_tiles, _num_programs_persistent(y.device, num_tiles) // (num_c_blocks * num_c_blocks) + 1))
     part_gw = torch.empty((g, c, c), device=y.device, dtype=torch.float32)
     _actnorm_conv1x1_grad_weight_kernel[(num_c_blocks * num_c_blocks, g)](
         grad_y, x, scale, bias, part_gw, c, hw, num_c_blocks, num_p_blocks, num_tiles,
-        BLOCK_C=block_c, BLOCK_P=block_p, DOT_PRECISION=_dot_precision(), num_warps=8,
+        BLOCK_C=tiles.block_c, BLOCK_P=tiles.grad_weight_block_p, DOT_PRECISION=_dot_precision(),
+        num_warps=tiles.num_warps,
     )
-    return x if return_input else None, grad_x, part_gs.sum(dim=0), part_gb.sum(dim=0), part_gw.sum(dim=0)
+    return x, grad_x, part_gs, part_gb, part_gw

@@ -60,21 +60,22 @@ def configurations():
     """(label, kernel, pointer dtypes, constexprs, num_warps) for every configuration the launchers use."""
     precision = an._dot_precision()
     for c in (4, 8, 12, 24, 48, 96, 192, 384):
-        block_co, block_k, block_p, use_dot = an._mix_block_sizes(c)
+        t = an.mix_tiles(c)
         yield (f"channel mix C={c}", an._channel_affine_mix_kernel, {},
-               dict(BLOCK_CO=block_co, BLOCK_K=block_k, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=precision),
-               an._mix_num_warps(block_co, block_p))
+               dict(BLOCK_CO=t.block_co, BLOCK_K=t.block_k, BLOCK_P=t.block_p, USE_DOT=t.use_dot,
+                    DOT_PRECISION=precision), t.num_warps)
     for c_block in (4, 8, 16, 32, 64):
-        block_p, num_warps, use_dot = an._fused_backward_config(c_block)
+        t = an.fused_backward_tiles(c_block)
         for write_x in (True, False):
             yield (f"fused backward C_BLOCK={c_block} WRITE_X={write_x}", an._actnorm_conv1x1_bwd_fused_kernel, {},
-                   dict(C_BLOCK=c_block, BLOCK_P=block_p, USE_DOT=use_dot, DOT_PRECISION=precision, WRITE_X=write_x),
-                   num_warps)
+                   dict(C_BLOCK=c_block, BLOCK_P=t.block_p, USE_DOT=t.use_dot, DOT_PRECISION=precision,
+                        WRITE_X=write_x), t.num_warps)
+    wide = an.WIDE_BACKWARD_TILES
     yield ("wide backward rebuild", an._actnorm_conv1x1_bwd_rebuild_kernel, {},
-           dict(BLOCK_C=an.WIDE_BLOCK_C, BLOCK_K=an.WIDE_BLOCK_K, BLOCK_P=an.WIDE_REBUILD_BLOCK_P,
-                DOT_PRECISION=precision), 8)
+           dict(BLOCK_C=wide.block_c, BLOCK_K=wide.block_k, BLOCK_P=wide.rebuild_block_p, DOT_PRECISION=precision),
+           wide.num_warps)
     yield ("wide backward grad_weight", an._actnorm_conv1x1_grad_weight_kernel, {},
-           dict(BLOCK_C=an.WIDE_BLOCK_C, BLOCK_P=an.WIDE_GRAD_WEIGHT_BLOCK_P, DOT_PRECISION=precision), 8)
+           dict(BLOCK_C=wide.block_c, BLOCK_P=wide.grad_weight_block_p, DOT_PRECISION=precision), wide.num_warps)
     for h_type in ("*fp32", "*bf16"):
         for inverse in (False, True):
             yield (f"coupling {'inverse' if inverse else 'forward'} h {h_type[1:]}", cp._coupling_affine_fwd_kernel,
