@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from revglow.errors import RevglowError
-from revglow.layers.base import InvertibleModule
+from revglow.layers.base import InvertibleModule, logdet_per_sample
+from revglow.ops.actnorm_conv1x1 import actnorm_inverse_reference, actnorm_reference
 
 __all__ = ["ActNorm", "DegenerateInitError"]
 
@@ -113,17 +115,16 @@ class ActNorm(InvertibleModule):
     def logdet_per_pixel(self) -> torch.Tensor:
         return self.effective_log_scale().sum()
 
-    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.logdet_per_pixel() * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+    # The unfused reference map. Glow never calls these: its FlowStep fuses ActNorm with the channel mixing
+    # (revglow.ops.actnorm_conv1x1, built on the same actnorm_reference) and uses only initialize_from, scale(),
+    # bias and logdet_per_pixel(). Tests compare the fused step against ActNorm followed by the mixing.
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.initialize_from(x)
-        y = x * self.scale().view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return y, self._logdet(x)
+        return actnorm_reference(x, self.scale(), self.bias), logdet_per_sample(self.logdet_per_pixel(), x)
 
-    def inverse(self, y):
+    def inverse(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             raise RuntimeError("ActNorm is not initialized: run a forward pass on data (or Glow.initialize) first")
-        x = (y - self.bias.view(1, -1, 1, 1)) / self.scale().view(1, -1, 1, 1)
-        return x, self._logdet(y)
+        return actnorm_inverse_reference(y, self.scale(), self.bias), logdet_per_sample(self.logdet_per_pixel(), y)

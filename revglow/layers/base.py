@@ -18,16 +18,25 @@ structure (couplings, fused ActNorm + 1x1 conv) override it to avoid the extra w
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from revglow.reversible import inverse_vjp_by_replay, vjp
 
-__all__ = ["InvertibleModule", "ParamGrads", "grads_for"]
+__all__ = ["InvertibleModule", "ParamGrads", "InverseVJPResult", "grads_for", "logdet_per_sample"]
 
 ParamGrads = Dict[nn.Parameter, torch.Tensor]
+# (x, dL/dx, param_grads) without a context; (x, dL/dx, param_grads, dL/dcontext or None) with one.
+InverseVJPResult = Union[Tuple[torch.Tensor, torch.Tensor, ParamGrads],
+                         Tuple[torch.Tensor, torch.Tensor, ParamGrads, Optional[torch.Tensor]]]
+
+
+def logdet_per_sample(per_pixel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The logdet, shape [N] and x's dtype, of a map applied alike at every pixel of x [N, C, H, W] whose
+    log|det| per pixel is `per_pixel` (a scalar): H * W * per_pixel for every sample."""
+    return (per_pixel * (x.shape[2] * x.shape[3])).to(x.dtype).expand(x.shape[0])
 
 
 def grads_for(outputs, grad_outputs, params) -> ParamGrads:
@@ -48,7 +57,7 @@ class InvertibleModule(nn.Module):
         raise NotImplementedError
 
     def inverse_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
-                    context: Optional[torch.Tensor] = None):
+                    context: Optional[torch.Tensor] = None) -> InverseVJPResult:
         """Generic: invert, then replay the forward under autograd. Subclasses with structure override it."""
         return inverse_vjp_by_replay(self, y, grad_y, grad_logdet, context)
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from revglow.layers.actnorm import ActNorm
-from revglow.layers.base import InvertibleModule, grads_for
+from revglow.layers.base import InverseVJPResult, InvertibleModule, grads_for, logdet_per_sample
 from revglow.layers.coupling import Coupling, flow_autocast_off
 from revglow.layers.permutation import make_channel_mixing
 from revglow.ops import actnorm_conv1x1 as ops
@@ -49,16 +49,13 @@ class FlowStep(InvertibleModule):
     def _mixing_logdet_per_pixel(self):
         return self.actnorm.logdet_per_pixel() + self.mixing.logdet_per_pixel()
 
-    def _mixing_logdet(self, x):
-        return (self._mixing_logdet_per_pixel() * (x.shape[2] * x.shape[3])).to(x.dtype).expand(x.shape[0])
-
     def forward(self, x, context: Optional[torch.Tensor] = None):
         with flow_autocast_off(x):
             if not self.actnorm.is_initialized:
                 self.actnorm.initialize_from(x)
             s, b, w = self._scale_bias_weight(x)
             z = ops.actnorm_conv1x1(x, s, b, w, backend=resolve_backend(self.kernels, x), compile=self.compile)
-            logdet = self._mixing_logdet(x)
+            logdet = logdet_per_sample(self._mixing_logdet_per_pixel(), x)
         y, logdet_coupling = self.coupling(z, context)
         return y, logdet + logdet_coupling
 
@@ -70,9 +67,10 @@ class FlowStep(InvertibleModule):
             s, b, _ = self._scale_bias_weight(y)
             w_inv = self.mixing.weight_inverse().to(y.dtype)
             x = ops.actnorm_conv1x1_inverse(z, s, b, w_inv, resolve_backend(self.kernels, y), compile=self.compile)
-            return x, self._mixing_logdet(y) + logdet_coupling
+            return x, logdet_per_sample(self._mixing_logdet_per_pixel(), y) + logdet_coupling
 
-    def inverse_vjp(self, y, grad_y, grad_logdet, context: Optional[torch.Tensor] = None):
+    def inverse_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                    context: Optional[torch.Tensor] = None) -> InverseVJPResult:
         out = self.coupling.inverse_vjp(y, grad_y, grad_logdet, context)
         z, grad_z, param_grads = out[:3]
         with flow_autocast_off(y), torch.enable_grad():
@@ -82,7 +80,8 @@ class FlowStep(InvertibleModule):
                 x, grad_x, grad_s, grad_b, grad_w = ops.actnorm_conv1x1_reversible_backward(
                     z, grad_z, s.detach(), b.detach(), w.detach(), w_inv, resolve_backend(self.kernels, y),
                     compile=self.compile)
-            # The log-determinant depends on the parameters only: differentiate its small graph directly.
+            # The log-determinant depends on the parameters only: differentiate its small graph directly (the
+            # VJP of logdet_per_sample's expansion is H * W * sum(grad_logdet)).
             per_pixel = self._mixing_logdet_per_pixel()
             grad_per_pixel = (grad_logdet.sum() * (y.shape[2] * y.shape[3])).to(per_pixel.dtype)
             params = list(self.actnorm.parameters()) + list(self.mixing.parameters())

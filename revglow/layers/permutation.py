@@ -8,13 +8,16 @@ Every class offers:
                         under 1% of a step, see benchmarks/step_time.py), and a cache could go stale through
                         `.data` edits or carry an inference-mode tensor into training
     logdet_per_pixel()  log|det W|, differentiable
+which is all Glow's FlowStep uses: it runs ActNorm and the mixing as one fused op. `forward` and `inverse` here
+are the unfused reference (`channel_mix`, the function the fused op's reference is built on), for tests and for
+a mixing used on its own.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from revglow.layers.base import InvertibleModule
+from revglow.layers.base import InvertibleModule, logdet_per_sample
 from revglow.ops.actnorm_conv1x1 import channel_mix, invert_weight
 
 __all__ = ["ChannelMixing", "InvConv1x1", "InvConv1x1LU", "FixedPermutation", "make_channel_mixing"]
@@ -38,16 +41,13 @@ class ChannelMixing(InvertibleModule):
         with torch.no_grad():
             return invert_weight(self.weight_matrix())
 
-    def _logdet(self, x):
-        return (self.logdet_per_pixel() * (x.shape[2] * x.shape[3])).to(x.dtype).expand(x.shape[0])
-
     def forward(self, x):
         y = channel_mix(self.weight_matrix().to(x.dtype), x)
-        return y, self._logdet(x)
+        return y, logdet_per_sample(self.logdet_per_pixel(), x)
 
     def inverse(self, y):
         x = channel_mix(self.weight_inverse().to(y.dtype), y)
-        return x, self._logdet(y)
+        return x, logdet_per_sample(self.logdet_per_pixel(), y)
 
 
 class InvConv1x1(ChannelMixing):

@@ -1,6 +1,8 @@
 """Fused ActNorm + invertible 1x1 convolution: y = W (s * x + b) at every pixel.
 
 Pure-PyTorch reference beside the dispatching entry points; Triton kernels live in kernels/actnorm_conv1x1.py.
+The reference is built from the two maps it fuses, `actnorm_reference` and `channel_mix`, which the unfused
+layers (revglow.layers.ActNorm and the channel mixings) run too.
 
 Shapes: x, y: [N, C, H, W]; scale s, bias b: [C]; weight W, weight_inv W^-1: [C, C].
 The log-determinant, H*W*(sum log|s| + log|det W|), depends on parameters only and is computed by the
@@ -18,7 +20,7 @@ import torch
 from revglow.ops.compiled import maybe_compiled
 
 __all__ = [
-    "channel_mix", "invert_weight", "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
+    "channel_mix", "invert_weight", "actnorm_reference", "actnorm_inverse_reference", "actnorm_conv1x1_reference", "actnorm_conv1x1_inverse_reference",
     "actnorm_conv1x1_reversible_backward_reference",
     "actnorm_conv1x1", "actnorm_conv1x1_inverse", "actnorm_conv1x1_reversible_backward",
 ]
@@ -44,18 +46,28 @@ def _channel_outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.reshape(n, c, h * w), b.reshape(n, c, h * w).transpose(1, 2)).sum(0)
 
 
+def actnorm_reference(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """u = s * x + b per channel: ActNorm alone (revglow.layers.ActNorm runs this)."""
+    return x * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def actnorm_inverse_reference(u: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x = (u - b) / s per channel."""
+    return (u - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
+
+
 def actnorm_conv1x1_reference(x, scale, bias, weight):
-    return channel_mix(weight, x * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+    return channel_mix(weight, actnorm_reference(x, scale, bias))
 
 
 def actnorm_conv1x1_inverse_reference(y, scale, bias, weight_inv):
-    return (channel_mix(weight_inv, y) - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
+    return actnorm_inverse_reference(channel_mix(weight_inv, y), scale, bias)
 
 
 def actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight, weight_inv):
     """From the output y and dL/dy: (x, dL/dx, dL/dscale, dL/dbias, dL/dweight), without autograd."""
     u = channel_mix(weight_inv, y)
-    x = (u - bias.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)
+    x = actnorm_inverse_reference(u, scale, bias)
     grad_u = channel_mix(weight.t(), grad_y)
     grad_x = grad_u * scale.view(1, -1, 1, 1)
     grad_weight = _channel_outer_sum(grad_y, u)
