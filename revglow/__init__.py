@@ -4,10 +4,14 @@ constant in depth, plus fused Triton kernels.
     >>> from revglow import Glow, GlowConfig
     >>> model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16))
 """
-from revglow.config import GlowConfig
-from revglow.model import Glow
-from revglow.layers.coupling import AdditiveCoupling, AffineCoupling, TwoNetworkCoupling
-from revglow.reversible import ReconstructionError, ReconstructionWarning, ReversibleSequence, StepContractError
+from revglow._checkout_kernels import install_checkout_kernels_finder as _install_checkout_kernels_finder
+
+_install_checkout_kernels_finder()   # a checkout without installation finds revglow.kernels in its kernels/
+
+from revglow.config import GlowConfig  # noqa: E402
+from revglow.model import Glow  # noqa: E402
+from revglow.layers.coupling import AdditiveCoupling, AffineCoupling, TwoNetworkCoupling  # noqa: E402
+from revglow.reversible import ReconstructionError, ReconstructionWarning, ReversibleSequence, StepContractError  # noqa: E402
 
 __all__ = ["Glow", "GlowConfig", "ReversibleSequence", "ReconstructionError", "ReconstructionWarning",
            "StepContractError", "AdditiveCoupling", "AffineCoupling", "TwoNetworkCoupling"]

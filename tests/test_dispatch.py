@@ -1,7 +1,12 @@
 """Choosing the torch reference or the Triton kernels for a fused op: the choice, REVGLOW_KERNELS, and the
 self-check that kernels="auto" runs before it trusts the kernels on a device."""
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +17,8 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.kernel_utils import kernel_device
 
-from revglow.ops.dispatch import KernelFallbackWarning, resolve_backend, treat_as_kernel_device
+from revglow.ops.dispatch import (KernelFallbackWarning, resolve_backend, treat_as_kernel_device,
+                                  triton_unavailable_reason)
 from revglow.ops.verify import ELEMENTWISE_TOL, LAUNCHERS, verify_triton_kernels
 
 
@@ -247,3 +253,46 @@ def test_environment_override_skips_the_self_check(device, monkeypatch):
         warnings.simplefilter("error")
         assert resolve_backend("auto", torch.randn(2, 4, 3, 3, device=device)) == "torch"
     assert sum(kernels.calls.values()) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where revglow.kernels comes from
+
+
+def test_a_checkout_used_without_installation_finds_its_kernels(tmp_path):
+    # revglow/ and kernels/ copied as a checkout has them, put on sys.path by PYTHONPATH alone: revglow.kernels must
+    # be the copy's kernels/ (not the folder an installation of this repository maps the name to).
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("revglow", "kernels"):
+        shutil.copytree(repo / folder, tmp_path / folder, ignore=ignore)
+    code = ("import torch, revglow.kernels\n"
+            "from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_forward_launch\n"
+            "from revglow.ops.dispatch import resolve_backend, triton_unavailable_reason\n"
+            "print(revglow.__file__); print(revglow.kernels.__file__); print(triton_unavailable_reason())\n"
+            "print(resolve_backend('triton', torch.zeros(1)))\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    package, kernels, reason, backend = run.stdout.split("\n")[:4]
+    assert package == str(tmp_path / "revglow" / "__init__.py")
+    assert kernels == str(tmp_path / "kernels" / "__init__.py")
+    assert (reason, backend) == ("None", "triton")
+
+
+def test_auto_says_why_when_the_kernels_do_not_import(monkeypatch):
+    # Triton imports but revglow.kernels does not (a broken installation): kernels="auto" warns with the reason
+    # instead of running torch silently, and kernels="triton" names it too.
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "revglow.kernels", None)   # `import revglow.kernels` now fails
+    reason = triton_unavailable_reason()
+    assert reason is not None and "revglow's kernels do not" in reason and "kernels/" in reason
+    x = torch.randn(2, 4, 3, 3)
+    with treat_as_kernel_device("cpu"):
+        with pytest.warns(KernelFallbackWarning, match="revglow's kernels do not"):
+            assert resolve_backend("auto", x) == "torch"
+    with pytest.raises(RuntimeError, match="revglow's kernels do not"):
+        resolve_backend("triton", x)

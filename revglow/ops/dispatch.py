@@ -11,17 +11,15 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["resolve_backend", "triton_available", "KernelFallbackWarning", "ENV_VAR", "treat_as_kernel_device"]
+__all__ = ["resolve_backend", "triton_available", "triton_unavailable_reason", "KernelFallbackWarning", "ENV_VAR", "treat_as_kernel_device"]
 
 ENV_VAR = "REVGLOW_KERNELS"
 _CHOICES = ("auto", "torch", "triton")
 _ENV_CHOICES = ("torch", "triton")
-
-_TRITON_IMPORT_ERROR: Exception | None = None
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -29,15 +27,28 @@ class KernelFallbackWarning(RuntimeWarning):
 
 
 def triton_available() -> bool:
-    """Whether Triton and the revglow.kernels launchers import."""
-    global _TRITON_IMPORT_ERROR
+    """Whether Triton and the revglow.kernels launchers import (`triton_unavailable_reason` says why not)."""
+    return triton_unavailable_reason() is None
+
+
+def triton_unavailable_reason() -> Optional[str]:
+    """None when Triton and revglow.kernels import; else why the Triton path is unavailable, in a sentence."""
+    return _import_failure()[1]
+
+
+def _import_failure() -> Tuple[Optional[str], Optional[str]]:
+    """(what fails to import, "triton" or "kernels", or None; why)."""
     try:
         import triton  # noqa: F401
-        import revglow.kernels  # noqa: F401
     except Exception as exc:  # ImportError, or a Triton that fails at import on this machine
-        _TRITON_IMPORT_ERROR = exc
-        return False
-    return True
+        return "triton", f"Triton does not import ({type(exc).__name__}: {exc})"
+    try:
+        import revglow.kernels  # noqa: F401
+    except Exception as exc:
+        return "kernels", (f"Triton imports but revglow's kernels do not ({type(exc).__name__}: {exc}); "
+                           f"revglow.kernels is the repository's kernels/ folder, installed by `pip install .` "
+                           f"(or -e), or found beside the revglow/ folder of a checkout on sys.path")
+    return None, None
 
 
 def _interpreting() -> bool:
@@ -75,10 +86,17 @@ def _decide_auto(device: torch.device) -> str:
     with _AUTO_LOCK:
         if device in _AUTO_BACKEND:
             return _AUTO_BACKEND[device]
-        if device.type != "cuda" and device not in _KERNEL_DEVICES:
+        kernel_device = device.type == "cuda" or device in _KERNEL_DEVICES
+        failing, reason = _import_failure() if kernel_device else (None, None)
+        if not kernel_device:
             backend = "torch"
-        elif not triton_available():
-            backend = "torch"  # no Triton installed is a supported set-up, not a failure: no warning
+        elif failing is not None:
+            backend = "torch"
+            # No Triton installed is a supported set-up, not a failure: no warning. Triton without revglow's
+            # kernels is a broken installation, which would otherwise go unnoticed.
+            if failing == "kernels":
+                warnings.warn(f"revglow: kernels='auto' uses the torch reference on {device}: {reason}",
+                              KernelFallbackWarning, stacklevel=3)
         else:
             from revglow.ops.verify import verify_triton_kernels
             ok, reason = verify_triton_kernels(device, _KERNEL_DEVICES.get(device))
@@ -118,8 +136,9 @@ def resolve_backend(kernels: str, tensor: torch.Tensor) -> str:
         device = tensor.device
         backend = _AUTO_BACKEND.get(device)
         return backend if backend is not None else _decide_auto(device)
-    if not triton_available():
-        raise RuntimeError(f"kernels='triton' was asked for, but Triton does not import: {_TRITON_IMPORT_ERROR}")
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"kernels='triton' was asked for, but the Triton path is unavailable: {reason}")
     if not tensor.is_cuda and not _interpreting():
         raise RuntimeError(
             "kernels='triton' was asked for with CPU tensors: Triton runs on the CPU only under the "
