@@ -88,6 +88,18 @@ class GlowConfig:
     learn_top: bool = option(True, "learned (zero-initialized) top prior instead of N(0, I)")
     num_classes: int = option(0, "> 0: class-conditional prior (the data set must have labels)")
     context_channels: int = option(0, "> 0: conditioned on a context map [N, this, H', W'] given to every call")
+    # The reference implementation's coupling network and zero-initialized layers (paper section 3.3; openai/glow
+    # tfops.py). A checkpoint written before these options existed has none of them in its config: from_dict reads
+    # it with the values of _BEFORE_FIDELITY_OPTIONS, the model it was trained as.
+    nn_actnorm: bool = option(True, "coupling network: hidden convolutions without bias, each followed by ActNorm "
+                              "(conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero conv3x3)")
+    edge_padding: bool = option(True, "3x3 convolutions of the coupling networks and split priors see one more input "
+                                "channel, 1 on the zero-padded border")
+    zero_logscale_factor: Optional[float] = option(3.0, "zero-initialized last layers (coupling network, priors) "
+                                                   "scale their output by exp(this * logs), logs per channel from 0 "
+                                                   "('none': off)")
+    actnorm_logscale_factor: float = option(3.0, "ActNorm stores its log-scale divided by this (how the optimizer "
+                                            "sees it; 1: plain)")
     memory: str = option("reversible", "how training keeps activations: reversible (constant in depth), checkpoint "
                          "or autograd", MEMORY_MODES)
     kernels: str = option("auto", "fused Triton kernels on CUDA (auto), or force torch/triton", KERNEL_BACKENDS)
@@ -115,7 +127,18 @@ class GlowConfig:
             raise ConfigError(f"GlowConfig.n_bits must be between 1 and 8; got {self.n_bits}")
         check_int("GlowConfig", "num_classes", self.num_classes, 0)
         check_int("GlowConfig", "context_channels", self.context_channels, 0)
-        _check_bools(self, ("learn_top", "compile"))
+        _check_bools(self, ("learn_top", "compile", "nn_actnorm", "edge_padding"))
+        for name, allow_none in (("zero_logscale_factor", True), ("actnorm_logscale_factor", False)):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigTypeError(f"GlowConfig.{name} must be a number{' or None' if allow_none else ''}; got "
+                                      f"{type(value).__name__}")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"GlowConfig.{name} must be a positive finite number"
+                                  f"{' or None (off)' if allow_none else ''}; got {value!r}")
+            setattr(self, name, float(value))
         factor = 2 ** self.levels
         if h % factor or w % factor or h < factor or w < factor:
             raise ConfigError(
@@ -138,11 +161,18 @@ class GlowConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GlowConfig":
+        """The config saved by to_dict. A saved config without the reference-network options (written before they
+        existed) gets the values that describe the model it was trained as (plain network, factors off)."""
         check_known_fields(cls, data)
-        data = dict(data)
+        data = {**_BEFORE_FIDELITY_OPTIONS, **data}
         if "image_shape" in data:
             data["image_shape"] = tuple(data["image_shape"])
         return cls(**data)
+
+
+# What a GlowConfig dict without these keys (a checkpoint from before they existed) means.
+_BEFORE_FIDELITY_OPTIONS = {"nn_actnorm": False, "edge_padding": False, "zero_logscale_factor": None,
+                            "actnorm_logscale_factor": 1.0}
 
 
 @dataclass

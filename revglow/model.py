@@ -84,17 +84,20 @@ class Glow(nn.Module):
             steps = []
             for _ in range(config.depth):
                 steps.append(FlowStep(c, config.hidden, config.coupling, config.permutation, config.kernels, seed,
-                                      context_channels=config.context_channels, compile=config.compile))
+                                      context_channels=config.context_channels, compile=config.compile,
+                                      nn_actnorm=config.nn_actnorm, edge_padding=config.edge_padding,
+                                      zero_logscale_factor=config.zero_logscale_factor,
+                                      actnorm_logscale_factor=config.actnorm_logscale_factor))
                 seed += 1
             self.flows.append(ReversibleSequence(steps, config.memory, config.check_reconstruction,
                                                  config.reconstruction_tol))
             if level < config.levels - 1:
-                split = SplitPrior(c)
+                split = SplitPrior(c, config.edge_padding, config.zero_logscale_factor)
                 self.splits.append(split)
                 self.latent_shapes.append((c - split.kept, h, w))
                 c = split.kept
         self.latent_shapes.append((c, h, w))
-        self.top_prior = TopPrior((c, h, w), config.learn_top, config.num_classes)
+        self.top_prior = TopPrior((c, h, w), config.learn_top, config.num_classes, config.zero_logscale_factor)
         # The levels share their modules with `flows` and `splits`, which own them: the state_dict keys (and the EMA
         # names in checkpoints) stay flows.L.* and splits.L.*. A plain list, so nothing is registered twice.
         self._levels = [Level(flow, self.splits[i] if i < len(self.splits) else None, size)

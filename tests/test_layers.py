@@ -11,9 +11,19 @@ from revglow.layers.base import InvertibleModule
 
 
 
-def _initialized_actnorm(c):
-    layer = ActNorm(c)
+def _initialized_actnorm(c, logscale_factor=1.0):
+    layer = ActNorm(c, logscale_factor=logscale_factor)
     layer.initialize_from(torch.randn(5, c, 3, 3) * 3 + 1)
+    return layer
+
+
+# The reference implementation's coupling network (GlowConfig's defaults): ActNorm in the network, edge padding,
+# log-scale factors of the zero layer and of every ActNorm.
+REFERENCE_NETWORK = dict(nn_actnorm=True, edge_padding=True, zero_logscale_factor=3.0, actnorm_logscale_factor=3.0)
+
+
+def _initialized(layer, c):
+    layer(torch.randn(5, c, 3, 3) * 2 + 1)   # data-dependent init of the network's ActNorms
     return layer
 
 
@@ -25,6 +35,11 @@ LAYERS = {
     "shuffle": lambda c: FixedPermutation(c, "shuffle"),
     "affine_coupling": lambda c: Coupling(c, hidden=8, kind="affine", kernels="torch"),
     "additive_coupling": lambda c: Coupling(c, hidden=8, kind="additive", kernels="torch"),
+    "actnorm_factor3": lambda c: _initialized_actnorm(c, logscale_factor=3.0),
+    "affine_coupling_reference": lambda c: _initialized(
+        Coupling(c, hidden=8, kind="affine", kernels="torch", **REFERENCE_NETWORK), c),
+    "additive_coupling_reference": lambda c: _initialized(
+        Coupling(c, hidden=8, kind="additive", kernels="torch", **REFERENCE_NETWORK), c),
 }
 
 
@@ -79,10 +94,13 @@ def test_inverse_vjp_matches_autograd(name):
             assert rel_err(grads[p], g) < 1e-10
 
 
-@pytest.mark.parametrize("coupling", ["affine", "additive"])
-@pytest.mark.parametrize("permutation", ["invconv_lu", "invconv", "shuffle", "reverse"])
-def test_flow_step(coupling, permutation):
-    step = FlowStep(6, hidden=8, coupling=coupling, permutation=permutation, kernels="torch").double()
+@pytest.mark.parametrize("coupling,permutation,network", [
+    (coupling, permutation, "plain") for coupling in ("affine", "additive")
+    for permutation in ("invconv_lu", "invconv", "shuffle", "reverse")] + [
+    ("affine", "invconv_lu", "reference"), ("additive", "invconv", "reference")])
+def test_flow_step(coupling, permutation, network):
+    options = REFERENCE_NETWORK if network == "reference" else {}
+    step = FlowStep(6, hidden=8, coupling=coupling, permutation=permutation, kernels="torch", **options).double()
     step(torch.randn(8, 6, 3, 3) * 2 + 0.5)  # data-dependent init
     perturb_(step, std=0.2)
     x = torch.randn(2, 6, 3, 3, requires_grad=True)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revglow.layers.actnorm import ActNorm
 from revglow.layers.base import InvertibleModule
+from revglow.layers.conv import Conv2dSame, ZeroConv2d, conv2d_same
 from revglow.ops import coupling_affine as ops
 from revglow.ops.compiled import compiled
 from revglow.ops.dispatch import resolve_backend
@@ -38,40 +40,65 @@ class CouplingNetwork(nn.Module):
     """NN() of the paper: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialized 3x3 conv.
 
     The last convolution starts at zero, so at initialization shift = 0 and every coupling starts close to
-    the identity (affine: scale sigmoid(2) ~ 0.88, as in the reference implementation).
+    the identity (affine: scale sigmoid(2) ~ 0.88, as in the reference implementation). The options follow the
+    reference implementation (GlowConfig turns them all on by default; here they default to off):
+    `actnorm`: the two hidden convolutions have no bias and are each followed by an ActNorm (data-dependent init,
+    log-scale factor `actnorm_logscale_factor`): conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> conv3x3;
+    `edge_padding`: the 3x3 convolutions see the border channel (revglow.layers.conv);
+    `zero_logscale_factor` f: the last convolution's output is multiplied by exp(f * logs) per channel.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, hidden: int):
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, actnorm: bool = False,
+                 edge_padding: bool = False, zero_logscale_factor: Optional[float] = None,
+                 actnorm_logscale_factor: float = 1.0):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
-        self.conv_hidden = nn.Conv2d(hidden, hidden, 1)
-        self.conv_out = nn.Conv2d(hidden, out_channels, 3, padding=1)
-        nn.init.normal_(self.conv_in.weight, std=0.05)
-        nn.init.zeros_(self.conv_in.bias)
-        nn.init.normal_(self.conv_hidden.weight, std=0.05)
-        nn.init.zeros_(self.conv_hidden.bias)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.edge_padding = bool(edge_padding)
+        self.conv_in = Conv2dSame(in_channels, hidden, 3, bias=not actnorm, edge_padding=edge_padding)
+        self.norm_in = ActNorm(hidden, logscale_factor=actnorm_logscale_factor) if actnorm else None
+        self.conv_hidden = Conv2dSame(hidden, hidden, 1, bias=not actnorm)
+        self.norm_hidden = ActNorm(hidden, logscale_factor=actnorm_logscale_factor) if actnorm else None
+        self.conv_out = ZeroConv2d(hidden, out_channels, 3, edge_padding=edge_padding,
+                                   logscale_factor=zero_logscale_factor)
+        for conv in (self.conv_in, self.conv_hidden):
+            nn.init.normal_(conv.weight, std=0.05)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def weights(self):
-        return (self.conv_in.weight, self.conv_in.bias, self.conv_hidden.weight, self.conv_hidden.bias,
-                self.conv_out.weight, self.conv_out.bias)
+        """The arguments of `coupling_network` after the input, in its order."""
+        def norm(m):
+            return (None, None) if m is None else (m.scale(), m.bias)
+        return (self.conv_in.weight, self.conv_in.bias, *norm(self.norm_in),
+                self.conv_hidden.weight, self.conv_hidden.bias, *norm(self.norm_hidden),
+                self.conv_out.weight, self.conv_out.bias, self.conv_out.output_scale(), self.edge_padding)
 
     def forward(self, x, compile: bool = False):
-        if compile:
+        norms = [m for m in (self.norm_in, self.norm_hidden) if m is not None]
+        if compile and all(m.is_initialized for m in norms):   # the data-dependent init runs eagerly
             return compiled(coupling_network)(x, *self.weights())
         # eager: through the submodules, so hooks on them and submodules a user swapped in keep working
-        h = F.relu(self.conv_in(x))
-        h = F.relu(self.conv_hidden(h))
-        return self.conv_out(h)
+        h = self.conv_in(x)
+        if self.norm_in is not None:
+            h = self.norm_in(h)[0]
+        h = self.conv_hidden(F.relu(h))
+        if self.norm_hidden is not None:
+            h = self.norm_hidden(h)[0]
+        return self.conv_out(F.relu(h))
 
 
-def coupling_network(x, w_in, b_in, w_hidden, b_hidden, w_out, b_out):
+def _scale_shift(h, scale, shift):
+    return h if scale is None else h * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def coupling_network(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out,
+                     edge_padding):
     """CouplingNetwork's computation as a pure function of its weights (what torch.compile compiles once for
-    every step of a level)."""
-    h = F.relu(F.conv2d(x, w_in, b_in, padding=1))
-    h = F.relu(F.conv2d(h, w_hidden, b_hidden))
-    return F.conv2d(h, w_out, b_out, padding=1)
+    every step of a level). b_*: convolution biases (None with ActNorm); s_*, t_*: ActNorm scale and bias (None
+    without); s_out: the last layer's output scale exp(f * logs) (None without a log-scale factor)."""
+    h = F.relu(_scale_shift(conv2d_same(x, w_in, b_in, edge_padding), s_in, t_in))
+    h = F.relu(_scale_shift(F.conv2d(h, w_hidden, b_hidden), s_hidden, t_hidden))
+    out = conv2d_same(h, w_out, b_out, edge_padding)
+    return out if s_out is None else out * s_out.view(1, -1, 1, 1)
 
 
 def _split_point(split: Optional[int], channels: int) -> int:
@@ -188,10 +215,14 @@ class Coupling(_OneNetworkCoupling):
     With `context_channels > 0` the coupling network sees the conditioning map concatenated to the untouched
     half: h = NN(cat(xb, context)); forward/inverse/inverse_vjp then take the context as their last argument.
     `kernels` ("auto" | "torch" | "triton") picks the implementation of the elementwise part (revglow.ops).
+    `nn_actnorm`, `edge_padding`, `zero_logscale_factor`, `actnorm_logscale_factor`: the reference network's
+    options (see CouplingNetwork).
     """
 
     def __init__(self, channels: int, hidden: int, kind: str = "affine", kernels: str = "auto",
-                 context_channels: int = 0, compile: bool = False):
+                 context_channels: int = 0, compile: bool = False, nn_actnorm: bool = False,
+                 edge_padding: bool = False, zero_logscale_factor: Optional[float] = None,
+                 actnorm_logscale_factor: float = 1.0):
         if channels < 2:
             raise ValueError(f"a coupling layer needs at least 2 channels; got {channels}")
         if kind not in ("affine", "additive"):
@@ -199,7 +230,9 @@ class Coupling(_OneNetworkCoupling):
         channels_b = channels // 2
         channels_a = channels - channels_b
         net = CouplingNetwork(channels_b + context_channels, 2 * channels_a if kind == "affine" else channels_a,
-                              hidden)
+                              hidden, actnorm=nn_actnorm, edge_padding=edge_padding,
+                              zero_logscale_factor=zero_logscale_factor,
+                              actnorm_logscale_factor=actnorm_logscale_factor)
         super().__init__(net, split=channels_b, kernels=kernels)
         self.kind = kind
         self.channels_b, self.channels_a = channels_b, channels_a

@@ -23,7 +23,9 @@ class FlowStep(InvertibleModule):
     """ActNorm -> channel mixing (`permutation`) -> coupling (`coupling`), on `channels` channels.
 
     With `context_channels > 0` the coupling network also sees a conditioning map of that many channels at the
-    step's spatial size: step(x, context), step.inverse(y, context).
+    step's spatial size: step(x, context), step.inverse(y, context). `nn_actnorm`, `edge_padding`,
+    `zero_logscale_factor` shape the coupling network as the reference implementation does (see CouplingNetwork);
+    `actnorm_logscale_factor` is the log-scale factor of every ActNorm of the step (revglow.layers.ActNorm).
 
     Example:
         >>> step = FlowStep(4, hidden=8)
@@ -34,13 +36,17 @@ class FlowStep(InvertibleModule):
     """
 
     def __init__(self, channels: int, hidden: int, coupling: str = "affine", permutation: str = "invconv_lu",
-                 kernels: str = "auto", seed: int = 0, context_channels: int = 0, compile: bool = False):
+                 kernels: str = "auto", seed: int = 0, context_channels: int = 0, compile: bool = False,
+                 nn_actnorm: bool = False, edge_padding: bool = False, zero_logscale_factor: Optional[float] = None,
+                 actnorm_logscale_factor: float = 1.0):
         super().__init__()
         self.kernels = kernels
         self.compile = compile   # torch.compile the work of the step (revglow.ops.compiled)
-        self.actnorm = ActNorm(channels)
+        self.actnorm = ActNorm(channels, logscale_factor=actnorm_logscale_factor)
         self.mixing = make_channel_mixing(permutation, channels, seed)
-        self.coupling = Coupling(channels, hidden, coupling, kernels, context_channels, compile)
+        self.coupling = Coupling(channels, hidden, coupling, kernels, context_channels, compile, nn_actnorm=nn_actnorm,
+                                 edge_padding=edge_padding, zero_logscale_factor=zero_logscale_factor,
+                                 actnorm_logscale_factor=actnorm_logscale_factor)
 
     def _scale_bias_weight(self, x):
         return (self.actnorm.scale().to(x.dtype), self.actnorm.bias.to(x.dtype),

@@ -6,9 +6,13 @@ N(0, I) noise and log p(x) = sum log N(eps; 0, I) + total logdet, exactly.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from revglow.layers.conv import ZeroConv2d, check_logscale_factor
 
 __all__ = ["SplitPrior", "TopPrior"]
 
@@ -20,14 +24,14 @@ def _standardize(z, mean, log_scale):
 
 class SplitPrior(nn.Module):
     """Split x [N,C,H,W] into kept x[:, :C/2] and factored-out z = x[:, C/2:], with z ~ N(m, exp(l)^2) where
-    (m, l) = conv(kept), a zero-initialized 3x3 convolution (so the prior starts as N(0, I))."""
+    (m, l) = conv(kept), a zero-initialized 3x3 convolution (so the prior starts as N(0, I)); with the reference
+    implementation's options, edge-padded and with its output scaled by exp(f * logs) (revglow.layers.conv)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, edge_padding: bool = False, logscale_factor: Optional[float] = None):
         super().__init__()
         self.kept = channels // 2
-        self.conv = nn.Conv2d(self.kept, 2 * (channels - self.kept), 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+        self.conv = ZeroConv2d(self.kept, 2 * (channels - self.kept), 3, edge_padding=edge_padding,
+                               logscale_factor=logscale_factor)
 
     def _params(self, kept):
         h = self.conv(kept).to(kept.dtype)
@@ -49,29 +53,46 @@ class SplitPrior(nn.Module):
 
 class TopPrior(nn.Module):
     """Prior of the last level: learned per-position mean and log-scale (`learn_top`), zero at init, plus a
-    class-dependent per-channel offset when `num_classes > 0` (zero-initialized linear map of the one-hot label)."""
+    class-dependent per-channel offset when `num_classes > 0` (zero-initialized linear map of the one-hot label).
 
-    def __init__(self, shape, learn_top: bool = True, num_classes: int = 0):
+    With `logscale_factor` f, each of the two is multiplied by exp(f * logs) per channel, `logs` starting at 0, as
+    the reference implementation's zero-initialized layers are (`top_logs`, `class_logs`). The reference computes
+    its learned top as a zero convolution of an all-zero input with the edge-padding channel, a function of the
+    position's distance class to the border; the free per-position `top` here holds every such function, so it
+    needs no edge padding.
+    """
+
+    def __init__(self, shape, learn_top: bool = True, num_classes: int = 0, logscale_factor: Optional[float] = None):
         super().__init__()
         c, h, w = shape
         self.shape = (c, h, w)
         self.num_classes = num_classes
         self.learn_top = learn_top
+        self.logscale_factor = check_logscale_factor("TopPrior", logscale_factor, allow_none=True)
+        scaled = self.logscale_factor is not None
         if learn_top:
             self.top = nn.Parameter(torch.zeros(1, 2 * c, h, w))
+            if scaled:
+                self.top_logs = nn.Parameter(torch.zeros(1, 2 * c, 1, 1))
         if num_classes > 0:
             self.class_embedding = nn.Linear(num_classes, 2 * c)
             nn.init.zeros_(self.class_embedding.weight)
             nn.init.zeros_(self.class_embedding.bias)
+            if scaled:
+                self.class_logs = nn.Parameter(torch.zeros(2 * c))
+
+    def _scaled(self, value, logs):
+        return value if self.logscale_factor is None else value * torch.exp(logs * self.logscale_factor)
 
     def _params(self, n, y, like):
         c, h, w = self.shape
         out = torch.zeros(n, 2 * c, h, w, dtype=like.dtype, device=like.device)
         if self.learn_top:
-            out = out + self.top.to(like.dtype)
+            out = out + self._scaled(self.top, getattr(self, "top_logs", None)).to(like.dtype)
         if self.num_classes > 0:
             onehot = F.one_hot(y, self.num_classes).to(like.dtype)
-            out = out + self.class_embedding(onehot).to(like.dtype).view(n, 2 * c, 1, 1)
+            shift = self._scaled(self.class_embedding(onehot), getattr(self, "class_logs", None))
+            out = out + shift.to(like.dtype).view(n, 2 * c, 1, 1)
         return out[:, 0::2], out[:, 1::2]
 
     def forward(self, z, y=None):
