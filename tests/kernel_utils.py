@@ -18,9 +18,12 @@ import torch  # noqa: E402
 
 from flow_checks import rel_err  # noqa: E402,F401  (re-exported for the kernel tests)
 
-__all__ = ["kernel_device", "rel_err", "assert_close_normwise", "random_actnorm_conv1x1_params"]
+__all__ = ["kernel_device", "rel_err", "assert_kernel_close", "random_actnorm_conv1x1_params"]
 
-# Normwise relative tolerance, ||a - b|| / ||b||, of float32 kernels against the float32 reference.
+# Tolerance of float32 kernels against the float32 reference: normwise, ||a - b|| / ||b||, and element by element,
+# |a_i - b_i| <= tol * (|b_i| + rms(b)) (relative where b_i is large, against the tensor's scale where it is
+# near zero). The element-wise check catches what a whole-tensor norm dilutes: one wrong masked element,
+# one mis-indexed tile, in a tensor of thousands.
 FLOAT32_TOL = 1e-5
 
 
@@ -36,11 +39,20 @@ def kernel_device() -> torch.device:
     return device
 
 
-def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, tol: float = FLOAT32_TOL, name: str = ""):
+def assert_kernel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = FLOAT32_TOL, name: str = ""):
+    """Normwise and element-wise closeness within `tol` (see FLOAT32_TOL), naming the worst element on failure."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
     err = rel_err(actual, expected)
     assert err <= tol, f"{name}: normwise relative error {err:.3e} > {tol:.1e}"
+    a, b = actual.detach().double(), expected.detach().double()
+    scale = b.square().mean().sqrt()
+    excess = (a - b).abs() / (b.abs() + scale).clamp_min(1e-30)
+    worst = excess.argmax()
+    assert excess.flatten()[worst] <= tol, (
+        f"{name}: element {tuple(int(i) for i in torch.unravel_index(worst, excess.shape))} is "
+        f"{a.flatten()[worst].item():.6g}, expected {b.flatten()[worst].item():.6g} (error "
+        f"{excess.flatten()[worst].item():.2e} of |expected| + rms > {tol:.1e})")
 
 
 def random_actnorm_conv1x1_params(c: int, device, dtype=torch.float32):

@@ -1,17 +1,19 @@
 """Triton kernels of the fused ActNorm + 1x1 convolution against the pure-PyTorch reference.
 
 Run on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU) or on
-CUDA with REVGLOW_TEST_DEVICE=cuda. Shapes hit the masks: channel counts that are not powers of two
-(12, 48), fewer than tl.dot's 16 (4), and above the single-pass limit (96, the two-pass path); odd H x W;
-batch 1.
+CUDA with REVGLOW_TEST_DEVICE=cuda. Every comparison is normwise and element by element (assert_kernel_close).
+Channel counts cover each path and the points where the kernels switch: fewer than tl.dot's 16 (4, the
+broadcast product), 16 (the first tl.dot width, unpadded), 12 and 48 (padded to a power of two), 64 (the widest
+single-pass backward), 96 and 128 (the two-pass backward, with a padded and a full second channel block);
+odd H x W; batch 1.
 """
 import pytest
 import torch
 
 try:
-    from kernel_utils import assert_close_normwise, kernel_device, random_actnorm_conv1x1_params
+    from kernel_utils import assert_kernel_close, kernel_device, random_actnorm_conv1x1_params
 except ImportError:  # tests/ imported as a package
-    from tests.kernel_utils import assert_close_normwise, kernel_device, random_actnorm_conv1x1_params
+    from tests.kernel_utils import assert_kernel_close, kernel_device, random_actnorm_conv1x1_params
 
 from revglow.ops.actnorm_conv1x1 import (
     actnorm_conv1x1,
@@ -30,6 +32,9 @@ SHAPES = [  # (channels, batch, height, width)
     (48, 1, 5, 7),
     (48, 3, 3, 3),
     (96, 2, 5, 7),  # C > 64: the two-pass backward (35 pixels: several pixel tiles)
+    (16, 2, 3, 5),  # tl.dot's smallest width, no channel padding
+    (64, 2, 3, 5),  # the single-pass backward's widest (C_BLOCK = FUSED_BACKWARD_MAX_C_BLOCK)
+    (128, 1, 3, 5),  # the first width above it with full 64-channel blocks
 ]
 
 
@@ -52,12 +57,12 @@ def test_forward_and_inverse_match_reference(shape, device):
     x, scale, bias, weight, weight_inv = _inputs(shape, device)
     y = actnorm_conv1x1_forward_launch(x, scale, bias, weight)
     y_ref = actnorm_conv1x1_reference(x, scale, bias, weight)
-    assert_close_normwise(y, y_ref, name="y")
+    assert_kernel_close(y, y_ref, name="y")
 
     x_rebuilt = actnorm_conv1x1_inverse_launch(y_ref, scale, bias, weight_inv)
-    assert_close_normwise(x_rebuilt, actnorm_conv1x1_inverse_reference(y_ref, scale, bias, weight_inv), name="x")
+    assert_kernel_close(x_rebuilt, actnorm_conv1x1_inverse_reference(y_ref, scale, bias, weight_inv), name="x")
     # Round trip through the kernels only.
-    assert_close_normwise(actnorm_conv1x1_inverse_launch(y, scale, bias, weight_inv), x, name="round trip")
+    assert_kernel_close(actnorm_conv1x1_inverse_launch(y, scale, bias, weight_inv), x, name="round trip")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -70,17 +75,17 @@ def test_reversible_backward_matches_reference_and_autograd(shape, device):
     got = actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv)
     expected = actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight, weight_inv)
     for name, a, b in zip(("x", "grad_x", "grad_scale", "grad_bias", "grad_weight"), got, expected):
-        assert_close_normwise(a, b, name=name)
+        assert_kernel_close(a, b, name=name)
 
     # The same gradients from torch autograd of the reference forward.
     leaves = [t.detach().clone().requires_grad_() for t in (x, scale, bias, weight)]
     actnorm_conv1x1_reference(*leaves).backward(grad_y)
-    assert_close_normwise(got[0], x, name="x vs original")
+    assert_kernel_close(got[0], x, name="x vs original")
     for name, a, leaf in zip(("grad_x", "grad_scale", "grad_bias", "grad_weight"), got[1:], leaves):
-        assert_close_normwise(a, leaf.grad, name=name + " vs autograd")
+        assert_kernel_close(a, leaf.grad, name=name + " vs autograd")
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[5], SHAPES[6]])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[5], SHAPES[6], SHAPES[9]])
 def test_autograd_function_matches_torch_autograd(shape, device):
     x, scale, bias, weight, weight_inv = _inputs(shape, device)
     grad_y = torch.randn(x.shape, device=device)
@@ -95,21 +100,21 @@ def test_autograd_function_matches_torch_autograd(shape, device):
     assert y.grad_fn.saved_tensors[0].data_ptr() == y.data_ptr()
     y.backward(grad_y)
 
-    assert_close_normwise(y, y_ref, name="y")
+    assert_kernel_close(y, y_ref, name="y")
     for name, a, b in zip(("x", "scale", "bias", "weight"), tri[:4], ref):
-        assert_close_normwise(a.grad, b.grad, name=f"grad {name}")
+        assert_kernel_close(a.grad, b.grad, name=f"grad {name}")
     assert tri[4].grad is None  # weight_inv is a constant derived from weight
 
 
 def test_dispatch_entry_points_use_the_kernels(device):
     x, scale, bias, weight, weight_inv = _inputs((12, 2, 3, 5), device)
     y = actnorm_conv1x1(x, scale, bias, weight, weight_inv, backend="triton")
-    assert_close_normwise(actnorm_conv1x1_inverse(y, scale, bias, weight_inv, backend="triton"), x, name="x")
+    assert_kernel_close(actnorm_conv1x1_inverse(y, scale, bias, weight_inv, backend="triton"), x, name="x")
     grad_y = torch.randn_like(y)
     got = actnorm_conv1x1_reversible_backward(y, grad_y, scale, bias, weight, weight_inv, backend="triton")
     expected = actnorm_conv1x1_reversible_backward(y, grad_y, scale, bias, weight, weight_inv, backend="torch")
     for a, b in zip(got, expected):
-        assert_close_normwise(a, b)
+        assert_kernel_close(a, b)
 
 
 def test_backward_reduction_is_deterministic(device):
@@ -147,7 +152,7 @@ def test_non_contiguous_input(device):
     x, scale, bias, weight, _ = _inputs((12, 2, 5, 7), device)
     x_t = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, channels-last-like strides
     assert not x_t.is_contiguous()
-    assert_close_normwise(actnorm_conv1x1_forward_launch(x_t, scale, bias, weight),
+    assert_kernel_close(actnorm_conv1x1_forward_launch(x_t, scale, bias, weight),
                           actnorm_conv1x1_reference(x, scale, bias, weight))
 
 
@@ -160,11 +165,11 @@ def test_dot_precision_knob(device, monkeypatch):
         k.actnorm_conv1x1_forward_launch(x, scale, bias, weight)
     if device.type == "cuda" and torch.version.hip is None:  # tf32x3 exists on NVIDIA only
         monkeypatch.setattr(k, "DOT_INPUT_PRECISION", "tf32x3")
-        assert_close_normwise(k.actnorm_conv1x1_forward_launch(x, scale, bias, weight),
+        assert_kernel_close(k.actnorm_conv1x1_forward_launch(x, scale, bias, weight),
                               actnorm_conv1x1_reference(x, scale, bias, weight), tol=1e-5)
 
 
-@pytest.mark.parametrize("c", [12, 96])
+@pytest.mark.parametrize("c", [12, 64, 96])
 def test_backward_without_rebuilt_input(c, device):
     from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_reversible_backward_launch
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 try:
-    from kernel_utils import FLOAT32_TOL, assert_close_normwise, kernel_device
+    from kernel_utils import FLOAT32_TOL, assert_kernel_close, kernel_device
 except ImportError:  # tests/ imported as a package
-    from tests.kernel_utils import FLOAT32_TOL, assert_close_normwise, kernel_device
+    from tests.kernel_utils import FLOAT32_TOL, assert_kernel_close, kernel_device
 
 from revglow.ops.coupling_affine import (
     coupling_affine,
@@ -53,14 +53,14 @@ def test_forward_and_inverse_match_reference(shape, h_dtype, device):
     ya, logdet = coupling_affine_forward_launch(xa, h)
     ya_ref, logdet_ref = coupling_affine_reference(xa, h)
     assert ya.dtype == torch.float32 and logdet.shape == (shape[1],)
-    assert_close_normwise(ya, ya_ref, name="ya")
-    assert_close_normwise(logdet, logdet_ref, name="logdet")
+    assert_kernel_close(ya, ya_ref, name="ya")
+    assert_kernel_close(logdet, logdet_ref, name="logdet")
 
     xa_rebuilt, logdet_inv = coupling_affine_inverse_launch(ya_ref, h)
     xa_ref, _ = coupling_affine_inverse_reference(ya_ref, h)
-    assert_close_normwise(xa_rebuilt, xa_ref, name="xa")
-    assert_close_normwise(logdet_inv, logdet_ref, name="logdet of the inverse call")
-    assert_close_normwise(coupling_affine_inverse_launch(ya, h)[0], xa, name="round trip")
+    assert_kernel_close(xa_rebuilt, xa_ref, name="xa")
+    assert_kernel_close(logdet_inv, logdet_ref, name="logdet of the inverse call")
+    assert_kernel_close(coupling_affine_inverse_launch(ya, h)[0], xa, name="round trip")
 
 
 @pytest.mark.parametrize("h_dtype", H_DTYPES)
@@ -76,16 +76,16 @@ def test_reversible_backward_matches_reference_and_autograd(shape, h_dtype, devi
     expected = coupling_affine_reversible_backward_reference(ya, h, grad_ya, grad_logdet)
     assert got[2].dtype == torch.float32 and got[2].shape == h.shape
     for name, a, b in zip(("xa", "grad_xa", "grad_h"), got, expected):
-        assert_close_normwise(a, b, name=name)
+        assert_kernel_close(a, b, name=name)
 
     # Against torch autograd of the reference forward, with h upcast to float32 as a leaf.
     xa_leaf = xa.clone().requires_grad_()
     h_leaf = h.float().requires_grad_()
     ya_ref, logdet_ref = coupling_affine_reference(xa_leaf, h_leaf)
     torch.autograd.backward((ya_ref, logdet_ref), (grad_ya, grad_logdet))
-    assert_close_normwise(got[0], xa, name="xa vs original")
-    assert_close_normwise(got[1], xa_leaf.grad, name="grad_xa vs autograd")
-    assert_close_normwise(got[2], h_leaf.grad, name="grad_h vs autograd")
+    assert_kernel_close(got[0], xa, name="xa vs original")
+    assert_kernel_close(got[1], xa_leaf.grad, name="grad_xa vs autograd")
+    assert_kernel_close(got[2], h_leaf.grad, name="grad_h vs autograd")
 
 
 @pytest.mark.parametrize("h_dtype", H_DTYPES)
@@ -104,11 +104,11 @@ def test_autograd_function_matches_torch_autograd(shape, h_dtype, device):
     assert ya.grad_fn.saved_tensors[0].data_ptr() == ya.data_ptr()  # keeps its output, not xa
     torch.autograd.backward((ya, logdet), (grad_ya, grad_logdet))
 
-    assert_close_normwise(ya, ya_ref, name="ya")
-    assert_close_normwise(logdet, logdet_ref, name="logdet")
-    assert_close_normwise(xa_tri.grad, xa_ref.grad, name="grad xa")
+    assert_kernel_close(ya, ya_ref, name="ya")
+    assert_kernel_close(logdet, logdet_ref, name="logdet")
+    assert_kernel_close(xa_tri.grad, xa_ref.grad, name="grad xa")
     assert h_tri.grad.dtype == h_dtype
-    assert_close_normwise(h_tri.grad, h_ref.grad, tol=GRAD_H_TOL[h_dtype], name="grad h")
+    assert_kernel_close(h_tri.grad, h_ref.grad, tol=GRAD_H_TOL[h_dtype], name="grad h")
 
 
 def test_autograd_function_with_only_one_output_used(device):
@@ -125,20 +125,20 @@ def test_autograd_function_with_only_one_output_used(device):
             if b.grad is None or not b.grad.any():
                 assert a.grad is None or not a.grad.any()
             else:
-                assert_close_normwise(a.grad, b.grad, name=f"grad when only {use} is used")
+                assert_kernel_close(a.grad, b.grad, name=f"grad when only {use} is used")
 
 
 def test_dispatch_entry_points_use_the_kernels(device):
     xa, h = _inputs(SHAPES[1], torch.bfloat16, device)
     ya, logdet = coupling_affine(xa, h, backend="triton")
     xa_rebuilt, logdet_inv = coupling_affine_inverse(ya, h, backend="triton")
-    assert_close_normwise(xa_rebuilt, xa, name="xa")
-    assert_close_normwise(logdet_inv, logdet, name="logdet")
+    assert_kernel_close(xa_rebuilt, xa, name="xa")
+    assert_kernel_close(logdet_inv, logdet, name="logdet")
     grad_ya, grad_logdet = torch.randn_like(ya), torch.randn(xa.shape[0], device=device)
     got = coupling_affine_reversible_backward(ya, h, grad_ya, grad_logdet, backend="triton")
     expected = coupling_affine_reversible_backward(ya, h, grad_ya, grad_logdet, backend="torch")
     for a, b in zip(got, expected):
-        assert_close_normwise(a, b)
+        assert_kernel_close(a, b)
 
 
 def test_channel_slices_in_and_out(device):
@@ -158,15 +158,15 @@ def test_channel_slices_in_and_out(device):
     ya_ref, logdet_ref = coupling_affine_reference(xa, h)
     assert out.data_ptr() == y[:, ca:].data_ptr()
     assert torch.equal(y[:, :ca], x[:, :ca])
-    assert_close_normwise(y[:, ca:], ya_ref, name="ya in a slice")
-    assert_close_normwise(logdet, logdet_ref, name="logdet")
+    assert_kernel_close(y[:, ca:], ya_ref, name="ya in a slice")
+    assert_kernel_close(logdet, logdet_ref, name="logdet")
 
     grad_y = torch.randn_like(y)
     got = coupling_affine_reversible_backward_launch(y[:, ca:], h, grad_y[:, ca:], torch.ones(n, device=device))
     expected = coupling_affine_reversible_backward_reference(ya_ref, h.contiguous(), grad_y[:, ca:].contiguous(),
                                                              torch.ones(n, device=device))
     for a, b in zip(got, expected):
-        assert_close_normwise(a, b)
+        assert_kernel_close(a, b)
 
     # the reversible backward writes xa and dL/dxa into the transformed halves of full-size tensors
     x_rebuilt = torch.full_like(x, float("nan"))
@@ -176,7 +176,7 @@ def test_channel_slices_in_and_out(device):
         out_grad_xa=grad_x[:, ca:])
     assert xa_out.data_ptr() == x_rebuilt[:, ca:].data_ptr() and grad_xa_out.data_ptr() == grad_x[:, ca:].data_ptr()
     for a, b in zip((x_rebuilt[:, ca:], grad_x[:, ca:], grad_h), expected):
-        assert_close_normwise(a, b)
+        assert_kernel_close(a, b)
     assert torch.isnan(x_rebuilt[:, :ca]).all() and torch.isnan(grad_x[:, :ca]).all()  # other half untouched
 
     with pytest.raises(ValueError, match="out"):
@@ -198,14 +198,14 @@ def test_extreme_raw_values_stay_finite(device):
     h[:, 3:] = torch.tensor([-60.0, -20.0, 30.0], device=device).view(1, 3, 1, 1) + h[:, 3:]
     ya, logdet = coupling_affine_forward_launch(xa, h)
     ya_ref, logdet_ref = coupling_affine_reference(xa, h)
-    assert_close_normwise(ya, ya_ref, name="ya")
-    assert_close_normwise(logdet, logdet_ref, name="logdet")
+    assert_kernel_close(ya, ya_ref, name="ya")
+    assert_kernel_close(logdet, logdet_ref, name="logdet")
     grad_ya = torch.randn_like(ya)
     _, grad_xa, grad_h = coupling_affine_reversible_backward_launch(ya_ref, h, grad_ya, torch.ones(2, device=device))
     assert torch.isfinite(grad_xa).all() and torch.isfinite(grad_h).all()
     xa_leaf, h_leaf = xa.clone().requires_grad_(), h.clone().requires_grad_()
     torch.autograd.backward(coupling_affine_reference(xa_leaf, h_leaf), (grad_ya, torch.ones(2, device=device)))
-    assert_close_normwise(grad_h, h_leaf.grad, name="grad_h")
+    assert_kernel_close(grad_h, h_leaf.grad, name="grad_h")
 
 
 def test_launchers_reject_bad_shapes(device):
