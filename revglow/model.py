@@ -30,8 +30,9 @@ class Level(nn.Module):
     """One scale of the multi-scale architecture (paper, Figure 2b): squeeze, K flow steps, and (except at the
     top) a split that factors out half of the channels as this level's latent.
 
-    `forward(x, context) -> (h, eps, logdet)` and `inverse(h, eps, context) -> x` are exact inverses; `eps` is
-    None for the top level (no split). `context` is already resized to this level (`size`).
+    `forward(x, context) -> (z, eps, logdet)` and `inverse(z, eps, context) -> x` are exact inverses: z is what the
+    next level takes, `eps` this level's latent (None for the top level, which has no split). `context` is
+    already resized to this level (`size`).
     """
 
     def __init__(self, flow: ReversibleSequence, split: Optional[SplitPrior], size) -> None:
@@ -41,17 +42,17 @@ class Level(nn.Module):
         self.size = tuple(size)     # (H, W) at which the steps run
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None):
-        h, logdet = self.flow(squeeze2d(x), context)
+        z, logdet = self.flow(squeeze2d(x), context)
         if self.split is None:
-            return h, None, logdet
-        h, eps, ld = self.split(h)
-        return h, eps, logdet + ld
+            return z, None, logdet
+        z, eps, ld = self.split(z)
+        return z, eps, logdet + ld
 
-    def inverse(self, h: torch.Tensor, eps: Optional[torch.Tensor], context: Optional[torch.Tensor] = None):
+    def inverse(self, z: torch.Tensor, eps: Optional[torch.Tensor], context: Optional[torch.Tensor] = None):
         if self.split is not None:
-            h, _ = self.split.inverse(h, eps)
-        h, _ = self.flow.inverse(h, context)
-        return unsqueeze2d(h)
+            z, _ = self.split.inverse(z, eps)
+        z, _ = self.flow.inverse(z, context)
+        return unsqueeze2d(z)
 
 
 class Glow(nn.Module):
@@ -260,13 +261,13 @@ class Glow(nn.Module):
     def _encode(self, xc: torch.Tensor, y, context=None):
         logdet = torch.zeros(xc.shape[0], dtype=xc.dtype, device=xc.device)
         latents: List[torch.Tensor] = []
-        h = xc
+        z = xc
         for level, level_context in zip(self._levels, self._level_contexts(context)):
-            h, eps, ld = level(h, level_context)
+            z, eps, ld = level(z, level_context)
             logdet = logdet + ld
             if eps is not None:
                 latents.append(eps)
-        eps, ld = self.top_prior(h, y)
+        eps, ld = self.top_prior(z, y)
         latents.append(eps)
         return latents, logdet + ld
 
@@ -288,10 +289,10 @@ class Glow(nn.Module):
                                  f"got {got}")
         y, context = self._check_inputs("decode", y=y, context=context, n=n, initialized=False)
         contexts = self._level_contexts(context)
-        h, _ = self.top_prior.inverse(latents[-1], y)
+        z, _ = self.top_prior.inverse(latents[-1], y)
         for i in reversed(range(len(self._levels))):
-            h = self._levels[i].inverse(h, latents[i] if i < len(self.splits) else None, contexts[i])
-        return h
+            z = self._levels[i].inverse(z, latents[i] if i < len(self.splits) else None, contexts[i])
+        return z
 
     def log_prob(self, xc: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Per-sample log density of preprocessed images in nats: sum log N(eps; 0, I) + log|det d eps / d xc|."""
