@@ -22,6 +22,7 @@ import math
 import random
 import sys
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,9 +111,12 @@ class NonFiniteStepWarning(RuntimeWarning):
 
 
 def default_glow_config(data: ImageData, **overrides) -> GlowConfig:
-    """GlowConfig for `data`: its image shape, MODEL_DEFAULTS[data.name], then `overrides` (None: not given)."""
+    """GlowConfig for `data`: its image shape, MODEL_DEFAULTS[data.name], then `overrides` (None: not given, except
+    for a field that may be None, such as zero_logscale_factor, where it is the value)."""
     options = dict(MODEL_DEFAULTS.get(data.name, {}))
-    options.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(GlowConfig)
+    options.update({k: v for k, v in overrides.items()
+                    if v is not None or type(None) in typing.get_args(hints.get(k))})
     options["image_shape"] = tuple(data.image_shape)
     return GlowConfig(**options)
 
