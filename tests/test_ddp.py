@@ -27,30 +27,17 @@ def _model(memory: str, x: torch.Tensor) -> Glow:
     return model
 
 
-def _worker(rank: int, port: int, x: torch.Tensor, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = _model("reversible", x)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        half = x.shape[0] // WORLD
-        torch.manual_seed(100 + rank)  # dequantization noise of this rank's shard
-        ddp(x[rank * half:(rank + 1) * half]).mean().backward()
-        if rank == 0:
-            torch.save([p.grad for p in model.parameters()], path)
-        dist.barrier()  # no rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
+def _ddp_gradients(rank: int, x: torch.Tensor):
+    model = _model("reversible", x)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    half = x.shape[0] // WORLD
+    torch.manual_seed(100 + rank)  # dequantization noise of this rank's shard
+    ddp(x[rank * half:(rank + 1) * half]).mean().backward()
+    return [p.grad for p in model.parameters()]
 
 
-def test_ddp_gradients_match_single_process(tmp_path):
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    path = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(_free_port(), x, path), nprocs=WORLD, join=True)
-    ddp_grads = torch.load(path)
-
+def test_ddp_gradients_match_single_process(library_run):
+    x, ddp_grads = library_run["grads_x"], library_run["grads"]
     reference = _model("autograd", x)
     half = x.shape[0] // WORLD
     for rank in range(WORLD):
@@ -99,30 +86,46 @@ def _without_noise():
     Glow._dequantize = lambda self, x, noise=True, generator=None: real(self, x, False)
 
 
-def _init_worker(rank: int, port: int, x: torch.Tensor, path: str) -> None:
+def _actnorm_init_states(rank: int, x: torch.Tensor):
+    _without_noise()
+    torch.manual_seed(0)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=8, kernels="torch")).double()
+    half = x.shape[0] // WORLD
+    model.initialize(x[rank * half:(rank + 1) * half])     # this rank's shard only
+    states = [None] * WORLD
+    dist.all_gather_object(states, {k: v for k, v in model.state_dict().items() if "log_scale" in k or "bias" in k})
+    return states
+
+
+def _library_worker(rank: int, port: int, grads_x: torch.Tensor, init_x: torch.Tensor, path: str) -> None:
+    """The library under DDP, without the trainer, in one pair of processes: the gradients of a reversible step,
+    then ActNorm's data-dependent init on each rank's shard."""
     _init_group(rank, port)
     try:
-        _without_noise()
-        torch.manual_seed(0)
-        model = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=8, kernels="torch")).double()
-        half = x.shape[0] // WORLD
-        model.initialize(x[rank * half:(rank + 1) * half])     # this rank's shard only
-        states = [None] * WORLD
-        dist.all_gather_object(states, {k: v for k, v in model.state_dict().items() if "log_scale" in k or "bias" in k})
+        grads = _ddp_gradients(rank, grads_x)
+        states = _actnorm_init_states(rank, init_x)
         if rank == 0:
-            torch.save(states, path)
-        dist.barrier()
+            torch.save({"grads": grads, "init_states": states}, path)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
-def test_actnorm_init_under_ddp_uses_the_whole_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def library_run(tmp_path_factory):
+    """One 2-process run of _library_worker, shared by the two library tests (one spawn instead of two)."""
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
-    x[3:] //= 4                                        # the shards differ: a per-shard init would show it
-    path = str(tmp_path / "actnorm.pt")
-    _spawn(_init_worker, (_free_port(), x, path))
-    states = torch.load(path)
+    grads_x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    torch.manual_seed(0)
+    init_x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    init_x[3:] //= 4                                   # the shards differ: a per-shard init would show it
+    path = str(tmp_path_factory.mktemp("ddp") / "library.pt")
+    _spawn(_library_worker, (_free_port(), grads_x, init_x, path))
+    return dict(torch.load(path), grads_x=grads_x, init_x=init_x)
+
+
+def test_actnorm_init_under_ddp_uses_the_whole_global_batch(library_run):
+    x, states = library_run["init_x"], library_run["init_states"]
     real = Glow._dequantize
     try:
         _without_noise()
