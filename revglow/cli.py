@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .config import DATASETS, MAX_SEED, GlowConfig, TrainConfig
+from .config import DATASETS, MAX_SEED, MEMORY_MODES, GlowConfig, TrainConfig
 from .data import load_dataset
 from .errors import RevglowError
 from .latents import attribute_direction, encode_images, interpolate_latents, mean_latents, move_latents
@@ -32,7 +32,7 @@ from .signals import TrainingInterrupted
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS = ("train", "eval", "sample", "interpolate", "manipulate")
+COMMANDS = ("train", "eval", "sample", "interpolate", "manipulate", "profile")
 
 # Model flags whose default depends on --data (revglow.train.MODEL_DEFAULTS); --print-config shows the result.
 _DATA_DEPENDENT = ("levels", "depth", "hidden", "n_bits")
@@ -62,8 +62,10 @@ def _flag_type(name: str, hint):
     return base, convert
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> List[str]:
-    """One flag per field of `cls`; only flags given on the command line appear in the namespace."""
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = (),
+                         data_defaults: bool = True) -> List[str]:
+    """One flag per field of `cls`; only flags given on the command line appear in the namespace. With
+    `data_defaults`, the help of model flags whose default depends on --data says so."""
     hints = typing.get_type_hints(cls)
     names = []
     group = parser.add_argument_group(f"{cls.__name__} options")
@@ -73,7 +75,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[st
         flag = "--" + item.name.replace("_", "-")
         default = item.default if item.default is not MISSING else None
         help_text = item.metadata.get("help", "")
-        if cls is GlowConfig and item.name in _DATA_DEPENDENT:
+        if data_defaults and cls is GlowConfig and item.name in _DATA_DEPENDENT:
             default = _data_dependent_default(item.name, default)
         base, convert = _flag_type(item.name, hints[item.name])
         if base is bool:
@@ -106,7 +108,7 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `revglow` argument parser with its five commands."""
+    """The `revglow` argument parser with its six commands."""
     parser = argparse.ArgumentParser(prog="revglow", description="Glow normalizing flows: train, evaluate, "
                                      "sample, interpolate and manipulate images.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -157,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     manipulate.add_argument("--alphas", default="-1,-0.5,0,0.5,1", help="comma-separated multiples of the direction")
     manipulate.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
     manipulate.add_argument("--out", required=True, help="PNG or JPEG file to write")
+    profile = commands.add_parser(
+        "profile", help="memory and time of one training step per memory mode; the largest batch for a budget",
+        description="Train one step of a Glow model in each memory mode and report parameters, gradients, Adam "
+                    "state, the step's peak memory above them (counted tensor by tensor, and as the device's own "
+                    "peak), the tensors alive at the peak, step time, and with --budget the largest batch that fits. "
+                    "Model flags default to GlowConfig's (the paper's CIFAR-10 model).")
+    profile.add_argument("--image-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
+                         help="image shape (default: 3 32 32)")
+    profile.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], metavar="N",
+                         help="batch sizes to measure (two or more to fit memory against batch; default: 1 2)")
+    profile.add_argument("--modes", nargs="+", choices=MEMORY_MODES, default=list(MEMORY_MODES),
+                         help="memory modes to profile (default: all)")
+    profile.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    profile.add_argument("--rounds", type=int, default=3, help="interleaved timed steps per mode (0: no timing)")
+    profile.add_argument("--budget", default=None, help="device memory, e.g. 24GiB: report the largest batch per mode")
+    profile.add_argument("--verify", action="store_true", help="with --budget: train one step at that batch for real "
+                         "(refining the plan from the measurement) and report its peak")
+    profile.add_argument("--top", type=int, default=5, help="tensors alive at the peak to list per mode")
+    profile.add_argument("--json", action="store_true", help="one JSON object per mode instead of the table")
+    _add_dataclass_flags(profile, GlowConfig, skip=("image_shape", "context_channels", "memory"), data_defaults=False)
     return parser
 
 
@@ -417,8 +439,29 @@ def _join_negative_values(argv: List[str]) -> List[str]:
     return out
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import format_table, profile
+
+    given = vars(args)
+    glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given and f.name != "image_shape"}
+    config = GlowConfig(image_shape=tuple(args.image_shape), **glow_over)
+    if args.verify and args.budget is None:
+        raise CommandError("--verify needs --budget")
+    rows = profile(config, batch_sizes=args.batch_sizes, modes=args.modes, device=args.device, rounds=args.rounds,
+                   budget=args.budget, verify=args.verify, top=args.top)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        c, h, w = config.image_shape
+        print(f"revglow profile: Glow {c}x{h}x{w} levels={config.levels} depth={config.depth} hidden="
+              f"{config.hidden} {config.coupling}, batch sizes {sorted(set(args.batch_sizes))}, device {args.device}")
+        print(format_table(rows))
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,
-             "manipulate": _cmd_manipulate}
+             "manipulate": _cmd_manipulate, "profile": _cmd_profile}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
