@@ -278,17 +278,17 @@ def _load_for_generation(args: argparse.Namespace):
     device = resolve_device(args.device)
     model = load_model(state, device, use_ema=args.ema)
     torch.manual_seed(args.seed)
-    labels = None
+    label = None   # one class for every image generated (an int), or None
     k = model.config.num_classes
     if args.label is not None:
         if k == 0:
             raise CommandError(f"--label {args.label}: the model in {args.checkpoint} is not class-conditional")
         if not 0 <= args.label < k:
             raise CommandError(f"--label must lie in [0, {k - 1}]; got {args.label}")
-        labels = args.label
+        label = args.label
     elif k > 0 and args.command in ("interpolate", "manipulate"):
         raise CommandError(f"the model in {args.checkpoint} is class-conditional ({k} classes): pass --label")
-    return state, model, device, labels
+    return state, model, device, label
 
 
 def _require_at_least(args: argparse.Namespace, name: str, minimum, why: str = "") -> None:

@@ -42,7 +42,7 @@ from .errors import ConfigError, RevglowError
 from .ema import ExponentialMovingAverage
 from .evaluation import evaluate_bits_per_dim, load_model, sample_labels, standard_error
 from .images import make_grid, save_grid
-from .layers import actnorm as _actnorm_module
+from .layers.actnorm import DegenerateInitError
 from .metrics import METRICS_NAME, MetricsLog, NoMetrics, peak_memory_mb
 from .model import Glow
 from .reversible import ReconstructionError
@@ -419,14 +419,11 @@ class Trainer:
             raise ConfigError(f"ActNorm's data-dependent init would see one value per channel at the top level "
                              f"(an init batch of {total} image(s), {h}x{w} pixels there), which makes its scales "
                              f"meaningless; pass a larger --init-batch-size (the paper's code uses 256)")
-        degenerate = getattr(_actnorm_module, "DegenerateInitError", None)
         try:
             self.model.initialize(x, y)
-        except Exception as exc:
-            if degenerate is not None and isinstance(exc, degenerate):
-                raise ConfigError(f"ActNorm's data-dependent init got a degenerate batch ({exc}); pass a larger or "
-                                 f"more varied --init-batch-size (the paper's code uses 256)") from exc
-            raise
+        except DegenerateInitError as exc:
+            raise ConfigError(f"ActNorm's data-dependent init got a degenerate batch ({exc}); pass a larger or "
+                              f"more varied --init-batch-size (the paper's code uses 256)") from exc
 
     # ------------------------------------------------------------------------------ training
     def _wrap_model(self) -> nn.Module:

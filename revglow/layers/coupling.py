@@ -135,23 +135,23 @@ class _OneNetworkCoupling(InvertibleModule):
             return self.net(net_input, compile=self.compile)
         return self.net(net_input)
 
-    def _h(self, xb, context, channels_a: int):
-        h = self._network(xb, context)
+    def _network_output(self, xb, context, channels_a: int):
+        net_out = self._network(xb, context)
         want = 2 * channels_a if self.kind == "affine" else channels_a
-        if not isinstance(h, torch.Tensor) or h.shape[0] != xb.shape[0] or h.shape[1] != want \
-                or h.shape[2:] != xb.shape[2:]:
-            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        if not isinstance(net_out, torch.Tensor) or net_out.shape[0] != xb.shape[0] or net_out.shape[1] != want \
+                or net_out.shape[2:] != xb.shape[2:]:
+            got = tuple(net_out.shape) if isinstance(net_out, torch.Tensor) else type(net_out).__name__
             raise ValueError(f"{type(self).__name__}: the network must map [N, {xb.shape[1]}"
                              f"{' + context' if context is not None else ''}, H, W] to [N, {want}, H, W] "
                              f"({'shift and raw scale of' if self.kind == 'affine' else 'the shift of'} the "
                              f"{channels_a} transformed channels); got {got}")
-        return h
+        return net_out
 
     def _couple(self, x, context, inverse: bool):
         b = _split_point(self.split, x.shape[1])
-        h = self._h(x[:, :b], context, x.shape[1] - b)
+        net_out = self._network_output(x[:, :b], context, x.shape[1] - b)
         with flow_autocast_off(x):
-            return ops.couple(x, h, b, self.kind, resolve_backend(self.kernels, x), inverse=inverse,
+            return ops.couple(x, net_out, b, self.kind, resolve_backend(self.kernels, x), inverse=inverse,
                               compile=self.compile)
 
     def forward(self, x, context=None):
@@ -165,14 +165,15 @@ class _OneNetworkCoupling(InvertibleModule):
         b = _split_point(self.split, y.shape[1])
         xb = y[:, :b].detach().requires_grad_(True)
         with torch.enable_grad():
-            h = self._h(xb, context, y.shape[1] - b)
+            net_out = self._network_output(xb, context, y.shape[1] - b)
         with flow_autocast_off(y), torch.no_grad():   # closed-form math: nothing to record
-            x, grad_x, grad_h = ops.couple_reversible_backward(y, h.detach(), grad_y, grad_logdet, b, self.kind,
-                                                               resolve_backend(self.kernels, y), compile=self.compile)
+            x, grad_x, grad_net_out = ops.couple_reversible_backward(
+                y, net_out.detach(), grad_y, grad_logdet, b, self.kind, resolve_backend(self.kernels, y),
+                compile=self.compile)
         params = [p for p in self.net.parameters() if p.requires_grad]
         wants_context = context is not None and context.requires_grad
         inputs = [xb] + ([context] if wants_context else []) + params
-        grads = list(torch.autograd.grad(h, inputs, grad_h.to(h.dtype), allow_unused=True))
+        grads = list(torch.autograd.grad(net_out, inputs, grad_net_out.to(net_out.dtype), allow_unused=True))
         grad_xb = grads.pop(0)
         grad_context = grads.pop(0) if wants_context else None
         if grad_xb is not None:
