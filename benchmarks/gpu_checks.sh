@@ -87,6 +87,10 @@ timeout 120 "$py" -m pytest -q -p no:cacheprovider benchmarks/test_ops.py --benc
     --benchmark-max-time=0.1 2>&1 | tee "$out/micro.log" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== revglow profile on CUDA (64x64, L=3, K=16, width 256; the planner for an 80 GiB budget)"
+timeout 120 "$py" -m revglow profile --device cuda --image-shape 3 64 64 --levels 3 --depth 16 --hidden 256 \
+    --batch-sizes 8 16 --budget 80GiB --json 2>&1 | tee "$out/profile.jsonl" | tail -3
+
 echo "== torch.compile against eager (CUDA; the first compiled step includes the compilation)"
 timeout 180 "$py" benchmarks/compile_step.py --device cuda --kernels torch --batch-size 32 --rounds 10 \
     --results "$out/compile_step.jsonl" 2>&1 | tee "$out/compile.log" | tail -6

@@ -143,7 +143,9 @@ class _ResidentSet:
     """The CPU's own peak: the peak resident set of this process during a block, above its size before it.
 
     glibc is told (mallopt) to serve blocks above 64 KiB with mmap and to return them at once, and to trim its
-    heap before the block, so the resident size follows live memory; /proc/self/clear_refs resets the peak."""
+    heap before the block, so the resident size follows live memory; /proc/self/clear_refs resets the peak.
+    The mallopt settings stay for the rest of the process (glibc cannot go back to its adaptive threshold), which
+    makes large allocations dearer there: profile in a process of its own, as `revglow profile` does."""
 
     available = sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")
 
