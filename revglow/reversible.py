@@ -66,8 +66,8 @@ class StepContractError(TypeError):
 
 
 # ------------------------------------------------------------------------------------------- contracts
-def _step_name(step: nn.Module, index: int) -> str:
-    return f"step {index} ({type(step).__name__})"
+def _step_name(step: nn.Module, index: Optional[int]) -> str:
+    return f"step {index} ({type(step).__name__})" if index is not None else f"step ({type(step).__name__})"
 
 
 def _describe(value) -> str:
@@ -78,7 +78,7 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"[:80]
 
 
-def _checked_pair(out, step: nn.Module, index: int, method: str, batch: int) -> Tuple[Tensor, Tensor]:
+def _checked_pair(out, step: nn.Module, index: Optional[int], method: str, batch: int) -> Tuple[Tensor, Tensor]:
     """The (tensor, logdet [N]) that forward and inverse must return, or a StepContractError naming the step."""
     expected = f"{_step_name(step, index)}.{method} must return (tensor, logdet) with logdet of shape [{batch}]"
     if not isinstance(out, (tuple, list)) or len(out) != 2:
@@ -130,7 +130,8 @@ def vjp(outputs, grad_outputs, inputs):
 
 
 def inverse_vjp_by_replay(step: nn.Module, y: Tensor, grad_y: Tensor, grad_logdet: Tensor,
-                          context: Optional[Tensor] = None, before_each: Optional[Callable[[], None]] = None):
+                          context: Optional[Tensor] = None, before_each: Optional[Callable[[], None]] = None,
+                          index: Optional[int] = None):
     """Backward of a step that offers only forward and inverse: invert, then replay the forward under autograd.
 
     Returns (x, dL/dx, {param: dL/dparam}) like `inverse_vjp`, plus dL/dcontext when a context is given; costs
@@ -143,12 +144,14 @@ def inverse_vjp_by_replay(step: nn.Module, y: Tensor, grad_y: Tensor, grad_logde
     if before_each is not None:
         before_each()
     with torch.no_grad(), (memo.recording() if memo else contextlib.nullcontext()):
-        x, _ = step.inverse(y) if context is None else step.inverse(y, context.detach())
+        x, _ = _checked_pair(step.inverse(y) if context is None else step.inverse(y, context.detach()), step, index,
+                             "inverse", y.shape[0])
     x = x.detach().requires_grad_(True)
     if before_each is not None:
         before_each()
     with torch.enable_grad(), (memo.replaying() if memo else contextlib.nullcontext()):
-        y_again, logdet = step(x) if context is None else step(x, context)
+        y_again, logdet = _checked_pair(step(x) if context is None else step(x, context), step, index, "forward",
+                                        x.shape[0])
     params = [p for p in step.parameters() if p.requires_grad]
     wants_context = context is not None and context.requires_grad
     inputs = [x] + ([context] if wants_context else []) + params
@@ -162,7 +165,7 @@ def inverse_vjp_by_replay(step: nn.Module, y: Tensor, grad_y: Tensor, grad_logde
     return x.detach(), grad_x, param_grads, grad_context
 
 
-inverse_vjp_by_replay.replays_forward = True  # marks the generic path (see _run_inverse_vjp)
+inverse_vjp_by_replay.replays_forward = True  # marks the generic path (see _replays_forward)
 
 
 def _replays_forward(step: nn.Module) -> bool:
@@ -426,7 +429,7 @@ class _ReversibleStep(torch.autograd.Function):
         with _BuffersKept(ctx.changed_buffers), _RngReplay(ctx.rng, y.device) as rng, torch.enable_grad(), \
                 _AutocastReplay(ctx.autocast):
             if _replays_forward(step):
-                out = inverse_vjp_by_replay(step, y, grad_y, grad_logdet, context, rng.restore_forward_state)
+                out = inverse_vjp_by_replay(step, y, grad_y, grad_logdet, context, rng.restore_forward_state, index)
             elif context is None:
                 out = step.inverse_vjp(y, grad_y, grad_logdet)
             else:
