@@ -571,15 +571,14 @@ class ReversibleSequence(nn.Module):
                 raise ReconstructionError(_reconstruction_message(values, self.tol))
         elif self.check == "warn":
             self._pending_warning = _HostCopy(errors)
-            self._emit_pending_warning(wait=False)
+            self._emit_pending_warning()
 
-    def _emit_pending_warning(self, wait: bool = False) -> None:
+    def _emit_pending_warning(self) -> None:
+        """Warn about the last backward's errors if they have reached the host; never waits for them."""
         pending = self._pending_warning
-        if pending is None or not (wait or pending.ready()):
+        if pending is None or not pending.ready():
             return
         self._pending_warning = None
-        if pending.event is not None and wait:
-            pending.event.synchronize()
         values = pending.values()
         if not all(e <= self.tol for e in values):
             warnings.warn(_reconstruction_message(values, self.tol), ReconstructionWarning, stacklevel=3)
