@@ -68,6 +68,19 @@ def check_known_fields(cls, data: dict) -> None:
         raise ConfigError(f"{cls.__name__}.from_dict: unknown option(s) {sorted(unknown)}")
 
 
+def check_logscale_factor(name: str, value, allow_none: bool) -> Optional[float]:
+    """A log-scale factor (GlowConfig, ActNorm, the zero convolutions): a positive finite number, or None where
+    the option can be off; the error names `name`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"{name} must be a number{' or None' if allow_none else ''}; got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive finite number{' or None (off)' if allow_none else ''}; "
+                          f"got {value!r}")
+    return float(value)
+
+
 @dataclass
 class GlowConfig:
     """Architecture and execution options of a multi-scale Glow model (paper, section 3).
@@ -128,17 +141,10 @@ class GlowConfig:
         check_int("GlowConfig", "num_classes", self.num_classes, 0)
         check_int("GlowConfig", "context_channels", self.context_channels, 0)
         _check_bools(self, ("learn_top", "compile", "nn_actnorm", "edge_padding"))
-        for name, allow_none in (("zero_logscale_factor", True), ("actnorm_logscale_factor", False)):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigTypeError(f"GlowConfig.{name} must be a number{' or None' if allow_none else ''}; got "
-                                      f"{type(value).__name__}")
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"GlowConfig.{name} must be a positive finite number"
-                                  f"{' or None (off)' if allow_none else ''}; got {value!r}")
-            setattr(self, name, float(value))
+        self.zero_logscale_factor = check_logscale_factor("GlowConfig.zero_logscale_factor", self.zero_logscale_factor,
+                                                          allow_none=True)
+        self.actnorm_logscale_factor = check_logscale_factor("GlowConfig.actnorm_logscale_factor",
+                                                             self.actnorm_logscale_factor, allow_none=False)
         factor = 2 ** self.levels
         if h % factor or w % factor or h < factor or w < factor:
             raise ConfigError(

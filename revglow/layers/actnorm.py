@@ -1,13 +1,13 @@
 """ActNorm (paper, section 3.1): a per-channel affine map y = s * x + b with data-dependent initialization."""
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from revglow.config import check_logscale_factor
 from revglow.errors import RevglowError
 from revglow.layers.base import InvertibleModule, logdet_per_sample
 from revglow.ops.actnorm_conv1x1 import actnorm_inverse_reference, actnorm_reference
@@ -48,13 +48,9 @@ class ActNorm(InvertibleModule):
 
     def __init__(self, channels: int, eps: float = 1e-6, logscale_factor: float = 1.0):
         super().__init__()
-        if isinstance(logscale_factor, bool) or not isinstance(logscale_factor, (int, float)):
-            raise TypeError(f"ActNorm: logscale_factor must be a number; got {type(logscale_factor).__name__}")
-        if not math.isfinite(logscale_factor) or logscale_factor <= 0:
-            raise ValueError(f"ActNorm: logscale_factor must be a positive finite number; got {logscale_factor!r}")
+        self.logscale_factor = check_logscale_factor("ActNorm: logscale_factor", logscale_factor, allow_none=False)
         self.channels = channels
         self.eps = eps
-        self.logscale_factor = float(logscale_factor)
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))

@@ -16,27 +16,15 @@ model built without these options are those of plain nn.Conv2d layers.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["add_edge_padding", "conv2d_same", "Conv2dSame", "ZeroConv2d", "check_logscale_factor"]
+from revglow.config import check_logscale_factor
 
-
-def check_logscale_factor(owner: str, value, allow_none: bool) -> Optional[float]:
-    """A log-scale factor: a positive finite number (or None where the option can be off)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: the log-scale factor must be a number{' or None' if allow_none else ''}; "
-                        f"got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{owner}: the log-scale factor must be a positive finite number"
-                         f"{' (None: off)' if allow_none else ''}; got {value!r}")
-    return float(value)
+__all__ = ["add_edge_padding", "conv2d_same", "Conv2dSame", "ZeroConv2d"]
 
 
 def add_edge_padding(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -86,7 +74,7 @@ class ZeroConv2d(Conv2dSame):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, edge_padding: bool = False,
                  logscale_factor: Optional[float] = None):
         super().__init__(in_channels, out_channels, kernel_size, bias=True, edge_padding=edge_padding)
-        self.logscale_factor = check_logscale_factor("ZeroConv2d", logscale_factor, allow_none=True)
+        self.logscale_factor = check_logscale_factor("ZeroConv2d: logscale_factor", logscale_factor, allow_none=True)
         nn.init.zeros_(self.weight)
         nn.init.zeros_(self.bias)
         if self.logscale_factor is not None:

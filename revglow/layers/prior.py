@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revglow.layers.conv import ZeroConv2d, check_logscale_factor
+from revglow.config import check_logscale_factor
+from revglow.layers.conv import ZeroConv2d
 
 __all__ = ["SplitPrior", "TopPrior"]
 
@@ -68,7 +69,7 @@ class TopPrior(nn.Module):
         self.shape = (c, h, w)
         self.num_classes = num_classes
         self.learn_top = learn_top
-        self.logscale_factor = check_logscale_factor("TopPrior", logscale_factor, allow_none=True)
+        self.logscale_factor = check_logscale_factor("TopPrior: logscale_factor", logscale_factor, allow_none=True)
         scaled = self.logscale_factor is not None
         if learn_top:
             self.top = nn.Parameter(torch.zeros(1, 2 * c, h, w))
