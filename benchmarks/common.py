@@ -70,3 +70,23 @@ def timed_training_step(model, x, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def add_problem_flags(parser, results: str, depth: int = 8, hidden: int = 128, batch_size: int = 16,
+                      rounds: int = 20, device: str = "cpu") -> None:
+    """The flags every Glow step benchmark shares: the model and batch measured, rounds, device, results file."""
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=depth)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--results", default=results,
+                        help="JSON-lines file to append to (a bare name goes to benchmarks/results/)")
+
+
+def random_images(args, device: torch.device) -> torch.Tensor:
+    """A uint8 batch [batch_size, 3, image_size, image_size] from the global (seeded) generator."""
+    return torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                         device=device)

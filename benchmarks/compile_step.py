@@ -16,30 +16,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import append_rows, environment, timed_training_step  # noqa: E402
+from common import add_problem_flags, append_rows, environment, random_images, timed_training_step  # noqa: E402
 from revglow import Glow, GlowConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_problem_flags(parser, "compile_step.jsonl", rounds=10)
     parser.add_argument("--memory", default="reversible")
-    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernels", default="torch")
-    parser.add_argument("--results", default="compile_step.jsonl",
-                        help="JSON-lines file to append to (a bare name goes to benchmarks/results/)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     shape = (3, args.image_size, args.image_size)
-    x = torch.randint(0, 256, (args.batch_size,) + shape, dtype=torch.uint8, device=device)
+    x = random_images(args, device)
     models = {}
     for name in ("eager", "compiled"):
         cfg = GlowConfig(image_shape=shape, levels=args.levels, depth=args.depth, hidden=args.hidden,

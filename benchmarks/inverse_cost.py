@@ -19,30 +19,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import append_rows, environment  # noqa: E402
+from common import add_problem_flags, append_rows, environment, random_images  # noqa: E402
 from revglow import Glow, GlowConfig  # noqa: E402
 from revglow.layers.permutation import ChannelMixing  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--depth", type=int, default=4, help="K (the ratio does not depend on it)")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_problem_flags(parser, "inverse_cost.jsonl", depth=4, hidden=512, rounds=5)   # K: the ratio does not depend on it
     parser.add_argument("--permutation", default="invconv_lu")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--results", default="inverse_cost.jsonl",
-                        help="JSON-lines file to append to (a bare name goes to benchmarks/results/)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     shape = (3, args.image_size, args.image_size)
     model = Glow(GlowConfig(image_shape=shape, levels=args.levels, depth=args.depth, hidden=args.hidden,
                             permutation=args.permutation)).to(device)
-    x = torch.randint(0, 256, (args.batch_size,) + shape, dtype=torch.uint8, device=device)
+    x = random_images(args, device)
     model.initialize(x)
     mixings = [m for m in model.modules() if isinstance(m, ChannelMixing)]
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import append_rows, environment, timed_training_step  # noqa: E402
+from common import add_problem_flags, append_rows, environment, random_images, timed_training_step  # noqa: E402
 from revglow import Glow, GlowConfig  # noqa: E402
 
 MODES = ("autograd", "checkpoint", "reversible")
@@ -28,16 +28,8 @@ BARE = "reversible-bare"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=20)
+    add_problem_flags(parser, "step_time.jsonl", rounds=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--results", default="step_time.jsonl",
-                        help="JSON-lines file to append to (a bare name goes to benchmarks/results/)")
     parser.add_argument("--kernels", default="auto")
     args = parser.parse_args(argv)
 
@@ -52,7 +44,7 @@ def main(argv=None) -> int:
                          check_reconstruction="off" if mode == BARE else "warn")
         model = Glow(cfg).to(device)
         if state is None:
-            x = torch.randint(0, 256, (args.batch_size,) + shape, dtype=torch.uint8, device=device)
+            x = random_images(args, device)
             model.initialize(x)
             state = model.state_dict()
         model.load_state_dict(state)
