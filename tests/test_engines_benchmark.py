@@ -1,26 +1,16 @@
 """benchmarks/engines.py: every installed engine's gradients equal plain autograd's (float64), and the script
 runs end to end on a tiny problem (its speed and memory numbers are for the full-size run)."""
-import importlib.util
 import json
-import os
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_benchmarks import _load
 
 
 @pytest.fixture(scope="module")
 def engines():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("revglow_bench_engines", os.path.join(ROOT, "benchmarks",
-                                                                                            "engines.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.pop(0)
+    return _load("engines")
 
 
 def test_every_engine_matches_autograd(engines):
