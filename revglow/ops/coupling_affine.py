@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from revglow.ops.compiled import compiled
+from revglow.ops.compiled import maybe_compiled
 
 __all__ = [
     "coupling_affine_reference", "coupling_affine_inverse_reference",
@@ -122,24 +122,19 @@ def couple(x, h, channels_b: int, kind: str = "affine", backend: str = "torch", 
 
     Outside autograd the Triton kernel writes the transformed half straight into the output, in place of a
     torch.cat (one read and one write of it fewer). `compile` runs the torch path under torch.compile."""
-    if compile and backend == "torch":
-        return compiled(_couple_torch)(x, h, channels_b, kind, inverse)
-    forward, backward_map, _ = _TRANSFORMS[kind]
-    transform = backward_map if inverse else forward
-    xb, xa = x[:, :channels_b], x[:, channels_b:]
     builds_graph = torch.is_grad_enabled() and (x.requires_grad or h.requires_grad)
     if _in_place(kind, backend) and not builds_graph:
+        forward, backward_map, _ = _TRANSFORMS[kind]
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        out[:, :channels_b].copy_(xb)
-        _, logdet = transform(xa, h, backend, out=out[:, channels_b:])
+        out[:, :channels_b].copy_(x[:, :channels_b])
+        _, logdet = (backward_map if inverse else forward)(x[:, channels_b:], h, backend, out=out[:, channels_b:])
         return out, logdet
-    za, logdet = transform(xa, h, backend)
-    return torch.cat([xb, za], dim=1), logdet
+    return maybe_compiled(_couple_by_cat, compile and backend == "torch")(x, h, channels_b, kind, inverse, backend)
 
 
-def _couple_torch(x, h, channels_b: int, kind: str, inverse: bool):
+def _couple_by_cat(x, h, channels_b: int, kind: str, inverse: bool, backend: str):
     forward, backward_map, _ = _TRANSFORMS[kind]
-    za, logdet = (backward_map if inverse else forward)(x[:, channels_b:], h)
+    za, logdet = (backward_map if inverse else forward)(x[:, channels_b:], h, backend)
     return torch.cat([x[:, :channels_b], za], dim=1), logdet
 
 
@@ -149,24 +144,20 @@ def couple_reversible_backward(y, h, grad_y, grad_logdet, channels_b: int, kind:
     g[:, :channels_b] = dL/dy_b (the caller adds dL/dx_b through the network in place), g[:, channels_b:] = dL/dx_a.
 
     On Triton the kernel writes x_a and dL/dx_a straight into x and g, in place of two torch.cat."""
-    if compile and backend == "torch":
-        return compiled(_couple_reversible_backward_torch)(y, h, grad_y, grad_logdet, channels_b, kind)
-    _, _, reversible_backward = _TRANSFORMS[kind]
-    yb, ya = y[:, :channels_b], y[:, channels_b:]
-    grad_yb, grad_ya = grad_y[:, :channels_b], grad_y[:, channels_b:]
     if _in_place(kind, backend):
+        _, _, reversible_backward = _TRANSFORMS[kind]
         x = torch.empty_like(y, memory_format=torch.contiguous_format)
         grad_x = torch.empty_like(x)
-        x[:, :channels_b].copy_(yb)
-        grad_x[:, :channels_b].copy_(grad_yb)
-        _, _, grad_h = reversible_backward(ya, h, grad_ya, grad_logdet, backend, out_xa=x[:, channels_b:],
-                                           out_grad_xa=grad_x[:, channels_b:])
+        x[:, :channels_b].copy_(y[:, :channels_b])
+        grad_x[:, :channels_b].copy_(grad_y[:, :channels_b])
+        _, _, grad_h = reversible_backward(y[:, channels_b:], h, grad_y[:, channels_b:], grad_logdet, backend,
+                                           out_xa=x[:, channels_b:], out_grad_xa=grad_x[:, channels_b:])
         return x, grad_x, grad_h
-    xa, grad_xa, grad_h = reversible_backward(ya, h, grad_ya, grad_logdet, backend)
-    return torch.cat([yb, xa], dim=1), torch.cat([grad_yb, grad_xa], dim=1), grad_h
+    return maybe_compiled(_couple_reversible_backward_by_cat, compile and backend == "torch")(
+        y, h, grad_y, grad_logdet, channels_b, kind, backend)
 
 
-def _couple_reversible_backward_torch(y, h, grad_y, grad_logdet, channels_b: int, kind: str):
+def _couple_reversible_backward_by_cat(y, h, grad_y, grad_logdet, channels_b: int, kind: str, backend: str):
     _, _, reversible_backward = _TRANSFORMS[kind]
-    xa, grad_xa, grad_h = reversible_backward(y[:, channels_b:], h, grad_y[:, channels_b:], grad_logdet)
-    return (torch.cat([y[:, :channels_b], xa], dim=1), torch.cat([grad_y[:, :channels_b], grad_xa], dim=1), grad_h)
+    xa, grad_xa, grad_h = reversible_backward(y[:, channels_b:], h, grad_y[:, channels_b:], grad_logdet, backend)
+    return torch.cat([y[:, :channels_b], xa], dim=1), torch.cat([grad_y[:, :channels_b], grad_xa], dim=1), grad_h
