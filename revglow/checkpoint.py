@@ -231,8 +231,9 @@ def remove_stale_temp_files(folder: PathLike) -> List[Path]:
 
 # ----------------------------------------------------------------------------------------------- RNG
 
-def capture_rng_state() -> Dict:
-    """The torch (CPU and every CUDA device), numpy and python RNG states, as weights_only-safe data."""
+def capture_rng_state(generators: Optional[Dict[str, torch.Generator]] = None) -> Dict:
+    """The torch (CPU and every CUDA device), numpy and python RNG states, as weights_only-safe data; with
+    `generators`, the states of those torch.Generators too (under "generators", by name)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state = {
@@ -243,11 +244,15 @@ def capture_rng_state() -> Dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
+    if generators:
+        state["generators"] = {name: generator.get_state() for name, generator in generators.items()}
     return state
 
 
-def restore_rng_state(state: Dict) -> None:
-    """Set the RNGs back to a state from `capture_rng_state` (CUDA ones only where present on both sides)."""
+def restore_rng_state(state: Dict, generators: Optional[Dict[str, torch.Generator]] = None) -> None:
+    """Set the RNGs back to a state from `capture_rng_state` (CUDA ones only where present on both sides), and
+    each of `generators` to the state saved under its name (one the checkpoint lacks, from before it was
+    saved, keeps its state)."""
     try:
         torch.set_rng_state(state["torch"].cpu())
         numpy_state = state["numpy"]
@@ -262,3 +267,11 @@ def restore_rng_state(state: Dict) -> None:
         count = min(len(cuda_states), torch.cuda.device_count())
         for device in range(count):
             torch.cuda.set_rng_state(cuda_states[device].cpu(), device)
+    saved_generators = state.get("generators") or {}
+    for name, generator in (generators or {}).items():
+        if name in saved_generators:
+            try:
+                generator.set_state(saved_generators[name].cpu())
+            except (TypeError, RuntimeError, AttributeError) as exc:
+                raise CheckpointError(f"the checkpoint's state of the {name!r} generator is malformed "
+                                      f"({type(exc).__name__}: {exc})") from exc

@@ -12,7 +12,7 @@ from .errors import ConfigError, ConfigTypeError
 
 __all__ = ["GlowConfig", "TrainConfig", "check_int", "check_known_fields", "COUPLINGS", "PERMUTATIONS",
            "MEMORY_MODES", "KERNEL_BACKENDS", "RECONSTRUCTION_CHECKS", "AMP_MODES", "DATASETS", "MAX_SEED",
-           "DEFAULT_MAX_STEPS"]
+           "DEFAULT_MAX_STEPS", "OPTIMIZERS", "AUGMENTATIONS"]
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv_lu", "invconv", "shuffle", "reverse")
@@ -21,6 +21,8 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 RECONSTRUCTION_CHECKS = ("off", "warn", "raise")
 AMP_MODES = ("off", "bf16")
 DATASETS = ("digits", "cifar10", "folder", "npz")   # revglow.data has one reader per name
+OPTIMIZERS = ("adam", "adamax")     # revglow.optim.make_optimizer builds each
+AUGMENTATIONS = ("none", "shift")   # revglow.augment
 MAX_SEED = 2 ** 32 - 1          # numpy's global RNG takes seeds below 2**32
 DEFAULT_MAX_STEPS = 1500
 
@@ -195,9 +197,13 @@ class TrainConfig:
                                       "the .npz file")
     image_size: Optional[int] = option(None, "folder data: resize (shorter side) and centre-crop images to this size")
     batch_size: int = option(64, "images per step")
-    lr: float = option(1e-3, "Adam learning rate")                    # paper, section 5
+    optimizer: str = option("adam", "adam (torch.optim.Adam) or adamax (the paper's code: Adamax, beta2 = 1 - "
+                            "1/steps per epoch)", OPTIMIZERS)
+    lr: float = option(1e-3, "learning rate")                         # paper, section 5
     warmup: Optional[int] = option(None, "linear learning-rate warm-up, in steps (default: min(200, total steps "
                                    "// 10))")
+    warmup_epochs: Optional[float] = option(None, "linear learning-rate warm-up, in epochs (converted with the steps "
+                                            "per epoch; instead of --warmup)")
     grad_clip: Optional[float] = option(None, "clip the global gradient norm to this ('none': no clipping)")
     max_steps: Optional[int] = option(None, f"total optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs)")
     epochs: Optional[int] = option(None, "train this many passes over the train split instead of --max-steps")
@@ -212,6 +218,8 @@ class TrainConfig:
                              "are removed)")
     init_batch_size: Optional[int] = option(None, "images for ActNorm's data-dependent init, may exceed --batch-size "
                                             "(the paper's code uses 256; default: one global batch)")
+    augment: str = option("none", "shift: translate each training image by up to 10%% of its size, edge pixels "
+                          "repeated (the paper's CIFAR-10 augmentation)", AUGMENTATIONS)
     skip_bad_images: bool = option(False, "folder data: leave unreadable image files out (counted) instead of "
                                    "stopping")
     tensorboard: bool = option(False, "also write TensorBoard events to OUT/tensorboard (scalars and sample grids)")
@@ -240,6 +248,14 @@ class TrainConfig:
                 check_int("TrainConfig", name, getattr(self, name), 1)
         if self.warmup is not None:
             check_int("TrainConfig", "warmup", self.warmup, 0)
+        if self.warmup_epochs is not None:
+            if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, (int, float)):
+                raise ConfigTypeError(f"TrainConfig.warmup_epochs must be a number or None; got "
+                                      f"{type(self.warmup_epochs).__name__}")
+            if not math.isfinite(self.warmup_epochs) or self.warmup_epochs < 0:
+                raise ConfigError(f"TrainConfig.warmup_epochs must be a finite number >= 0; got {self.warmup_epochs!r}")
+            if self.warmup is not None:
+                raise ConfigError("TrainConfig: give warmup (steps) or warmup_epochs, not both")
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"TrainConfig.lr must be a positive number; got {self.lr!r}")
         if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
@@ -251,6 +267,7 @@ class TrainConfig:
         if self.seed > MAX_SEED:
             raise ConfigError(f"TrainConfig.seed must be between 0 and 2**32 - 1 = {MAX_SEED}; got {self.seed}")
         _check_bools(self, ("overwrite", "skip_bad_images", "tensorboard", "progress"))
+        _check_choices(self)
 
     def to_dict(self) -> dict:
         """Plain-typed dict (for checkpoints loaded with weights_only=True)."""

@@ -1,5 +1,7 @@
-"""The training loop behind `revglow train`: Adam with linear warm-up, optional bf16 autocast, Polyak
-averaging (EMA), skipping of non-finite steps, periodic evaluation, sample grids and atomic checkpoints,
+"""The training loop behind `revglow train`: Adam or the reference's Adamax with linear warm-up (in steps or
+epochs), optional random shifts of the training images, optional bf16 autocast, Polyak averaging (EMA,
+evaluated beside the raw weights), skipping of non-finite steps, periodic evaluation, sample grids and atomic
+checkpoints,
 exact resume (same parameters and losses, bit for bit, on the CPU), a checkpoint on SIGINT/SIGTERM, and
 data-parallel training under torchrun (DistributedDataParallel; rank 0 alone writes files).
 
@@ -40,11 +42,13 @@ from .data import ImageData, load_dataset, stack_images
 from .distributed import DistributedContext
 from .errors import ConfigError, RevglowError
 from .ema import ExponentialMovingAverage
+from .augment import random_shift
 from .evaluation import evaluate_bits_per_dim, load_model, sample_labels, standard_error
 from .images import make_grid, save_grid
 from .layers.actnorm import DegenerateInitError
 from .metrics import METRICS_NAME, MetricsLog, NoMetrics, peak_memory_mb
 from .model import Glow
+from .optim import make_optimizer
 from .reversible import ReconstructionError
 from .run_folder import CHECKPOINT_NAME, RunExistsError, check_out_folder, prepare_out_folder
 from .sampling import DataPosition, epoch_permutation, make_train_loader
@@ -138,10 +142,15 @@ def resolve_device(name: str) -> torch.device:
 def train_config_for_resume(state: Dict, overrides: Dict) -> TrainConfig:
     """The checkpoint's TrainConfig with the given `overrides` (options set explicitly) applied.
 
-    Giving max_steps replaces a saved epochs and the other way round, so a run can switch between them.
+    Giving max_steps replaces a saved epochs and the other way round, so a run can switch between them; the
+    same for warmup and warmup_epochs.
     """
     options = dict(state["train_config"])
     options.update(overrides)
+    if overrides.get("warmup") is not None and "warmup_epochs" not in overrides:
+        options["warmup_epochs"] = None
+    if overrides.get("warmup_epochs") is not None and "warmup" not in overrides:
+        options["warmup"] = None
     if overrides.get("max_steps") is not None and "epochs" not in overrides:
         options["epochs"] = None
     if overrides.get("epochs") is not None and "max_steps" not in overrides:
@@ -165,6 +174,8 @@ class TrainResult:
     samples: List[Path] = field(default_factory=list)
     used_ema: bool = False
     test_images: int = 0
+    test_bpd_raw: float = math.nan          # the raw weights' (equal to test_bpd when used_ema is False)
+    test_bpd_raw_stderr: float = math.nan
 
 
 class Trainer:
@@ -213,9 +224,13 @@ class Trainer:
             torch.manual_seed(rank_seed)
             np.random.seed(rank_seed % 2 ** 32)
             random.seed(rank_seed)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.loader, self.sampler = make_train_loader(self.data.train, config.batch_size, config.seed, config.workers,
                                                       self.dist.rank, self.dist.world_size)
+        self.optimizer = make_optimizer(config, self.model.parameters(), self.sampler.batches_per_epoch)
+        # The shifts of --augment come from a generator of their own (saved with the other RNG states), so
+        # turning augmentation on leaves the dequantization noise's stream as it was.
+        self.augment_generator = torch.Generator().manual_seed(
+            config.seed * 65536 + self.dist.rank + 1 if self.dist.enabled else config.seed)
         self.step = 0
         self.position = DataPosition()
         self.bad_steps = 0
@@ -239,7 +254,9 @@ class Trainer:
         if resume_state is not None:
             self._load_state(resume_state)
         self.total_steps = self._total_steps()
-        if config.warmup is None:
+        if config.warmup_epochs is not None:
+            self.warmup = round(config.warmup_epochs * self.sampler.batches_per_epoch)
+        elif config.warmup is None:
             self.warmup = min(200, self.total_steps // 10)
         self._apply_learning_rate()
 
@@ -252,7 +269,13 @@ class Trainer:
 
     @property
     def warmup(self) -> int:
-        """Linear learning-rate warm-up, in steps (resolved from TrainConfig.warmup)."""
+        """Linear learning-rate warm-up, in steps (resolved from TrainConfig.warmup or warmup_epochs).
+
+        The learning rate of step k (1, 2, ...) is lr * min(1, k / warmup). The reference's is lr * min(1,
+        (k - 1) / warmup steps) (openai/glow train.py: `n_processed / (n_train * epochs_warmup)`, images seen
+        before the step), so its first step runs at learning rate 0: the same ramp, one step earlier here.
+        warmup_epochs counts epochs as this trainer does (full global batches, the remainder left out).
+        """
         return self._warmup_steps[0]
 
     @warmup.setter
@@ -281,6 +304,7 @@ class Trainer:
         """The checkpoint of this rank (under torch.distributed, call `save`: it gathers every rank's RNG)."""
         train_config = self.config.to_dict()
         train_config["warmup"] = self.warmup      # resolved, so a resumed run warms up the same way
+        train_config["warmup_epochs"] = None
         train_config["resume"] = None
         train_config["overwrite"] = False
         return {
@@ -291,7 +315,7 @@ class Trainer:
             "step": self.step,
             "data_position": self.position.to_dict(),
             "bad_steps": self.bad_steps,
-            "rng": capture_rng_state(),
+            "rng": self._capture_rng(),
             "world_size": self.dist.world_size,
             "glow_config": self.glow_config.to_dict(),
             "train_config": train_config,
@@ -299,7 +323,15 @@ class Trainer:
                      "num_classes": self.data.num_classes, "class_names": list(self.data.class_names)},
         }
 
+    def _capture_rng(self) -> Dict:
+        return capture_rng_state({"augment": self.augment_generator})
+
     def _load_state(self, state: Dict) -> None:
+        saved_optimizer = state["train_config"].get("optimizer", "adam")    # runs from before the option: Adam
+        if saved_optimizer != self.config.optimizer:
+            raise ConfigError(f"the checkpoint was trained with --optimizer {saved_optimizer}; a resumed run keeps "
+                              f"its optimizer (its state does not carry over), so --optimizer "
+                              f"{self.config.optimizer} cannot continue it")
         saved = GlowConfig.from_dict(state["glow_config"]).to_dict()
         given = self.glow_config.to_dict()
         changed = sorted(k for k in given if k not in RESUME_GLOW_FIELDS and saved.get(k) != given[k])
@@ -324,7 +356,8 @@ class Trainer:
         saved_world = int(state.get("world_size", 1))
         per_rank = state.get("rng_per_rank")
         if saved_world == self.dist.world_size:
-            restore_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
+            restore_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"],
+                              {"augment": self.augment_generator})
             return
         warnings.warn(f"the checkpoint was written by {saved_world} process(es) and {self.dist.world_size} resume it: "
                       f"the random streams are reseeded, so the run goes on but not bit for bit as it would have",
@@ -333,11 +366,12 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2 ** 32)
         random.seed(seed)
+        self.augment_generator.manual_seed(seed)
 
     def save(self) -> Path:
         """Write checkpoint.pt atomically, keep a checkpoint-STEP.pt copy, prune old copies (rank 0 writes;
         under torch.distributed every rank must call this, to hand over its RNG state)."""
-        rng_states = self.dist.all_gather_object(capture_rng_state()) if self.dist.enabled else None
+        rng_states = self.dist.all_gather_object(self._capture_rng()) if self.dist.enabled else None
         if self.dist.is_main:
             state = self.state_dict()
             if rng_states is not None:
@@ -350,18 +384,19 @@ class Trainer:
         return self.checkpoint_path
 
     # ------------------------------------------------------------------------------ eval / samples
-    def _eval_context(self):
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext(self.model)
+    def _eval_context(self, use_ema: bool = True):
+        return self.ema.applied() if self.ema is not None and use_ema else contextlib.nullcontext(self.model)
 
-    def evaluate(self, draws: int = 1) -> torch.Tensor:
-        """Per-image test bits/dim (EMA weights when on); under torch.distributed each rank does a share."""
+    def evaluate(self, draws: int = 1, use_ema: bool = True) -> torch.Tensor:
+        """Per-image test bits/dim (EMA weights when on and `use_ema`, else the raw weights); under
+        torch.distributed each rank does a share. Both weights see the same dequantization noise."""
         test = self.data.test
         if self.dist.enabled:
             test = torch.utils.data.Subset(test, list(range(self.dist.rank, len(test), self.dist.world_size)))
         if len(test) == 0:          # more processes than test images
             local = torch.empty(0, dtype=torch.float64)
         else:
-            with self._eval_context() as model:
+            with self._eval_context(use_ema) as model:
                 local = evaluate_bits_per_dim(model, test, self.config.batch_size, self.device, draws=draws,
                                               seed=self.config.seed + self.dist.rank, workers=self.config.workers)
         self.last_eval = torch.cat(self.dist.all_gather_object(local)) if self.dist.enabled else local
@@ -396,7 +431,8 @@ class Trainer:
     # ------------------------------------------------------------------------------ initialization
     def _init_batch(self):
         """This rank's share of the init batch: the first init_batch_size images (default: one global batch)
-        of the first epoch's order, split evenly over the ranks."""
+        of the first epoch's order, split evenly over the ranks (shifted by --augment, as the reference's init
+        batch, drawn from its augmenting training iterator, was)."""
         total = self.config.init_batch_size or self.sampler.global_batch_size
         total = min(total, len(self.data.train))
         if total < self.dist.world_size:
@@ -406,7 +442,7 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         mine = order[rank * total // world:(rank + 1) * total // world].tolist()
         items = [self.data.train[i] for i in mine]
-        x = torch.stack([image for image, _ in items]).to(self.device)
+        x = self._augment(torch.stack([image for image, _ in items])).to(self.device)
         y = torch.tensor([label for _, label in items], device=self.device)
         return x, (y if self.glow_config.num_classes > 0 else None), total
 
@@ -426,6 +462,10 @@ class Trainer:
                               f"more varied --init-batch-size (the paper's code uses 256)") from exc
 
     # ------------------------------------------------------------------------------ training
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of training images (uint8, before it goes to the device) as --augment asks."""
+        return random_shift(x, self.augment_generator) if self.config.augment == "shift" else x
+
     def _wrap_model(self) -> nn.Module:
         if not self.dist.enabled:
             return self.model
@@ -635,7 +675,7 @@ class Trainer:
                 if self.step >= self.total_steps:
                     finished_epoch = False
                     break
-                record = self._timed_step(x.to(self.device, non_blocking=True),
+                record = self._timed_step(self._augment(x).to(self.device, non_blocking=True),
                                           y.to(self.device) if conditional else None)
                 self._metrics.write(record)
                 if "skipped" in record:
@@ -682,16 +722,22 @@ class Trainer:
         if self._stop_requested():
             self._interrupt(self._stop_requested(), self._last_saved)
         if self._periodic(self.config.eval_every) and not at_end:
-            test = self._log_evaluation()
-            self._progress.write(f"step {self.step}: test bits/dim {float(test.mean()):.4f}")
+            test, raw = self._log_evaluation()
+            also = f" (raw weights {float(raw.mean()):.4f})" if self.ema is not None else ""
+            self._progress.write(f"step {self.step}: test bits/dim {float(test.mean()):.4f}{also}")
         if self._periodic(self.config.sample_every) and not at_end:
             self.write_samples()
 
-    def _log_evaluation(self) -> torch.Tensor:
+    def _log_evaluation(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-image test bits/dim of the weights used for samples (EMA when on) and of the raw weights (the
+        same evaluation when EMA is off), both logged: test_bpd and test_bpd_raw."""
+        raw = self.evaluate(use_ema=False) if self.ema is not None else None
         test = self.evaluate()
+        raw = test if raw is None else raw
         self._metrics.write({"step": self.step, "test_bpd": float(test.mean()),
-                             "test_bpd_stderr": standard_error(test), "ema": self.ema is not None})
-        return test
+                             "test_bpd_stderr": standard_error(test), "ema": self.ema is not None,
+                             "test_bpd_raw": float(raw.mean()), "test_bpd_raw_stderr": standard_error(raw)})
+        return test, raw
 
     def _finish(self) -> TrainResult:
         """The final checkpoint, evaluation, samples and baseline (or the stop a pending signal asks for)."""
@@ -701,13 +747,14 @@ class Trainer:
         stop = self._pending_stop()
         if stop:
             self._interrupt(stop, self._last_saved)
-        test = self._log_evaluation()
+        test, raw = self._log_evaluation()
         samples = self.write_samples()
         baseline = self.dist.broadcast_object(self.baseline_bits_per_dim() if self.dist.is_main else None)
         self._metrics.write({"step": self.step, "baseline_bpd": baseline})
         return TrainResult(step=self.step, out=self.out, checkpoint=self.checkpoint_path,
                            test_bpd=float(test.mean()), test_bpd_stderr=standard_error(test), baseline_bpd=baseline,
-                           samples=samples, used_ema=self.ema is not None, test_images=int(test.numel()))
+                           samples=samples, used_ema=self.ema is not None, test_images=int(test.numel()),
+                           test_bpd_raw=float(raw.mean()), test_bpd_raw_stderr=standard_error(raw))
 
 
 class _Progress:
