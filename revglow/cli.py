@@ -4,8 +4,11 @@ The training flags are built from the fields of GlowConfig and TrainConfig (data
 every option of either has exactly one flag, named after the field (`--n-bits`, `--batch-size`, ...), with the
 help text and choices that the field's metadata carries (revglow.config.option).
 
+A preset (revglow.presets: the paper's models and recipes) gives defaults that explicit flags override.
+
 Example:
     $ revglow train --max-steps 1500 --out runs/digits
+    $ revglow train --preset cifar10 --data-root data/cifar-10-batches-py --print-config
     $ revglow sample --checkpoint runs/digits/checkpoint.pt --n 64 --temperature 0.7 --out grid.png
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .config import DATASETS, MAX_SEED, MEMORY_MODES, GlowConfig, TrainConfig
 from .data import load_dataset
 from .errors import RevglowError
 from .latents import attribute_direction, encode_images, interpolate_latents, mean_latents, move_latents
+from .presets import PRESET_NAMES, PRESETS, preset_options
 from .signals import TrainingInterrupted
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -120,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "with it take effect, model flags may not change (except --memory, --kernels, "
                             "--check-reconstruction, --reconstruction-tol)")
     train.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
-                       help="print the resolved model and training configuration as JSON and exit")
+                       help="print the resolved model and training configuration as JSON and exit (with --preset: "
+                            "without reading the data)")
+    train.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS,
+                       help="start from a preset model and recipe; flags given override it: " +
+                            "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
     # context_channels: the command line has no source of conditioning maps (see
     # examples/train_conditional_digits.py for a conditional flow trained from Python)
     _add_dataclass_flags(train, GlowConfig, skip=("image_shape", "context_channels"))
@@ -185,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------- commands
 
 # Training options that a resumed run may not change: they fix the data, its order and the random streams.
-_FIXED_ON_RESUME = ("data", "image_size", "seed")
+_FIXED_ON_RESUME = ("data", "image_size", "seed", "optimizer")   # and the optimizer, whose state it carries
 
 
 def _train_configs(given: dict):
@@ -196,6 +204,11 @@ def _train_configs(given: dict):
 
     glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given}
     train_over = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given and f.name != "resume"}
+    if "preset" in given:
+        if "resume" in given:
+            raise CommandError("--preset starts a new run; --resume continues one with the configuration saved in "
+                               "its checkpoint (give the flags to change, without --preset)")
+        return _preset_configs(given, glow_over, train_over)
     if "resume" not in given:
         config = TrainConfig(**train_over)
         if "print_config" not in given:   # refuse before the (possibly slow) data loading
@@ -220,6 +233,27 @@ def _train_configs(given: dict):
     return glow, config, data, state
 
 
+def _preset_configs(given: dict, glow_over: dict, train_over: dict):
+    """(GlowConfig, TrainConfig, data, None) of --preset with the flags given on top; with --print-config the
+    data are not read (the preset fixes the image shape)."""
+    from .distributed import DistributedContext
+    from .train import check_out_folder
+
+    name = given["preset"]
+    glow_options, train_options = preset_options(name, glow_over, train_over)
+    glow, config = GlowConfig(**glow_options), TrainConfig(**train_options)
+    if "print_config" in given:
+        return glow, config, None, None
+    DistributedContext.current().run_on_main(check_out_folder, config.out, config.overwrite)   # before reading data
+    data = load_dataset(config.data, config.data_root, config.image_size, config.skip_bad_images)
+    if tuple(data.image_shape) != glow.image_shape:
+        c, h, w = glow.image_shape
+        raise CommandError(f"--preset {name} is built for {c}x{h}x{w} images; the {data.name} data are "
+                           f"{'x'.join(map(str, data.image_shape))} (folder data: --image-size {h}; or choose "
+                           f"another preset)")
+    return glow, config, data, None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .distributed import init_from_environment
 
@@ -239,7 +273,8 @@ def _train(given: dict) -> int:
 
     glow, config, data, state = _train_configs(given)
     if "print_config" in given:
-        print(json.dumps({"glow_config": glow.to_dict(), "train_config": config.to_dict()}, indent=2))
+        shown = {"preset": given["preset"]} if "preset" in given else {}
+        print(json.dumps({**shown, "glow_config": glow.to_dict(), "train_config": config.to_dict()}, indent=2))
         return 0
     trainer = Trainer(glow, config, data=data, resume_state=state)
     main = trainer.dist.is_main
@@ -254,13 +289,17 @@ def _train(given: dict) -> int:
         print(f"revglow train: {data.name}, {len(data.train)} train / {len(data.test)} test images {c}x{h}x{w}{skipped}; "
               f"Glow levels={glow.levels} depth={glow.depth} hidden={glow.hidden} {glow.coupling} n_bits={glow.n_bits} "
               f"memory={glow.memory}, {n_params:,} parameters; {trainer.total_steps} steps on {trainer.device}, "
-              f"{processes}; {start}", flush=True)
+              f"{config.optimizer} lr={config.lr:g} warm-up {trainer.warmup} steps"
+              f"{', shifts' if config.augment == 'shift' else ''}, {processes}; {start}", flush=True)
     result = trainer.run()
     if not main:
         return 0
     weights = "EMA weights" if result.used_ema else "raw weights"
     print(f"test bits/dim:     {result.test_bpd:.4f} ± {result.test_bpd_stderr:.4f} "
           f"(Glow, {weights}, {result.test_images} test images, step {result.step})")
+    if result.used_ema:
+        print(f"                   {result.test_bpd_raw:.4f} ± {result.test_bpd_raw_stderr:.4f} (Glow, raw weights, "
+              f"the same images and noise)")
     print(f"baseline bits/dim: {result.baseline_bpd:.4f} (independent per-pixel categorical at {glow.n_bits} bits, "
           f"Laplace smoothing, fitted on the train split)")
     print(f"checkpoint: {result.checkpoint}")
