@@ -222,7 +222,7 @@ def _train_configs(given: dict):
     model_changes = sorted(k for k, v in glow_over.items() if saved.get(k) != v and k not in RESUME_GLOW_FIELDS)
     saved_train = state["train_config"]
     data_changes = sorted(k for k in _FIXED_ON_RESUME if k in train_over and train_over[k] != saved_train.get(k))
-    for what, changed in (("the model", model_changes), ("the data or the seed", data_changes)):
+    for what, changed in (("the model", model_changes), ("the data, the seed or the optimizer", data_changes)):
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise CommandError(f"{path}: cannot change {what} on resume ({flags} differ from the checkpoint); start "

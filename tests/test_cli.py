@@ -313,3 +313,17 @@ def test_out_of_range_seeds_are_one_line(digits_run, tmp_path, capsys):
                     "TrainConfig.seed must be between 0 and 2**32 - 1")
     _one_line_error(capsys, main(["sample", "--checkpoint", str(digits_run / "checkpoint.pt"), "--seed", huge,
                                   "--out", str(tmp_path / "s.png")]), "--seed must be between 0 and 2**32 - 1")
+
+
+def test_recipe_flags_and_optimizer_fixed_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--optimizer", "adamax", "--warmup-epochs", "0.05", "--augment", "shift",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "adamax lr=0.001 warm-up 9 steps, shifts" in printed        # round(0.05 * (1438 // 8))
+    assert "raw weights, the same images and noise" in printed
+    _one_line_error(capsys, main(["train", "--resume", str(out / "checkpoint.pt"), "--optimizer", "adam",
+                                  "--max-steps", "3"]),
+                    "cannot change the data, the seed or the optimizer on resume (--optimizer")
+    _one_line_error(capsys, main(["train", *TINY, "--warmup", "3", "--warmup-epochs", "1", "--out",
+                                  str(tmp_path / "both")]), "give warmup (steps) or warmup_epochs, not both")
