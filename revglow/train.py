@@ -1,11 +1,11 @@
 """The training loop behind `revglow train`: Adam or the reference's Adamax with linear warm-up (in steps or
 epochs), optional random shifts of the training images, optional bf16 autocast, Polyak averaging (EMA,
 evaluated beside the raw weights), skipping of non-finite steps, periodic evaluation, sample grids and atomic
-checkpoints,
-exact resume (same parameters and losses, bit for bit, on the CPU), a checkpoint on SIGINT/SIGTERM, and
-data-parallel training under torchrun (DistributedDataParallel; rank 0 alone writes files).
+checkpoints, exact resume (same parameters and losses, bit for bit, on the CPU), a checkpoint on
+SIGINT/SIGTERM, and data-parallel training under torchrun (DistributedDataParallel; rank 0 alone writes files).
 
-The pieces it uses live in small modules of their own: TrainConfig in revglow.config, the EMA in revglow.ema,
+The pieces it uses live in small modules of their own: TrainConfig in revglow.config, the optimizers in
+revglow.optim, the shifts in revglow.augment, the EMA in revglow.ema,
 evaluation and model loading in revglow.evaluation, metrics.jsonl in revglow.metrics, the output folder in
 revglow.run_folder, signal handling in revglow.signals. Their public names are importable from here too.
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .augment import random_shift
 from .baseline import PixelCategoricalBaseline
 from .checkpoint import (capture_rng_state, link_or_copy_atomic, load_checkpoint, prune_step_checkpoints,
                          restore_rng_state, save_checkpoint, step_checkpoint_path)
@@ -42,7 +43,6 @@ from .data import ImageData, load_dataset, stack_images
 from .distributed import DistributedContext
 from .errors import ConfigError, RevglowError
 from .ema import ExponentialMovingAverage
-from .augment import random_shift
 from .evaluation import evaluate_bits_per_dim, load_model, sample_labels, standard_error
 from .images import make_grid, save_grid
 from .layers.actnorm import DegenerateInitError
@@ -324,6 +324,7 @@ class Trainer:
         }
 
     def _capture_rng(self) -> Dict:
+        """This rank's RNG states: the global ones and the generator of --augment's shifts."""
         return capture_rng_state({"augment": self.augment_generator})
 
     def _load_state(self, state: Dict) -> None:
