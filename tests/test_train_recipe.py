@@ -125,3 +125,17 @@ def test_without_ema_one_evaluation_serves_both(tmp_path, digits, monkeypatch):
     row = [r for r in _rows(tmp_path) if "test_bpd" in r][-1]
     assert not row["ema"] and row["test_bpd_raw"] == row["test_bpd"] and result.test_bpd_raw == result.test_bpd
     assert load_checkpoint(tmp_path / "checkpoint.pt")["train_config"]["optimizer"] == "adam"
+
+
+def test_named_generators_ride_with_the_rng_states_through_a_checkpoint(tmp_path):
+    from revglow.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+
+    generator = torch.Generator().manual_seed(11)
+    torch.rand(3, generator=generator)
+    path = save_checkpoint({"rng": capture_rng_state({"augment": generator})}, tmp_path / "c.pt")
+    expected = torch.rand(5, generator=generator)
+    restore_rng_state(load_checkpoint(path)["rng"], {"augment": generator})
+    assert torch.equal(torch.rand(5, generator=generator), expected)
+    untouched = torch.Generator().manual_seed(3)
+    restore_rng_state(capture_rng_state(), {"augment": untouched})        # a checkpoint from before: kept as is
+    assert torch.equal(torch.rand(2, generator=untouched), torch.rand(2, generator=torch.Generator().manual_seed(3)))
