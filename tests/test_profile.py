@@ -31,9 +31,10 @@ def test_tracker_counts_what_is_allocated_and_freed_not_what_existed():
 @linux_only
 def test_tracker_and_the_cpu_peak_agree_per_sample_for_stored_activations():
     """Memory per sample, counted tensor by tensor and measured as the process's peak resident set, within 10%
-    (per sample: a process's constant few MiB of other memory cancel out)."""
+    (per sample: a process's constant few MiB of other memory cancel out). The resident set wanders by a few MiB
+    from one step to the next, so the two batches are 48 samples (~100 MiB) apart: 16 apart left it ±12%."""
     cfg = GlowConfig(image_shape=(3, 32, 32), levels=2, depth=4, hidden=64, kernels="torch")
-    row, = profile(cfg, batch_sizes=(16, 32), modes=("autograd",), rounds=0)
+    row, = profile(cfg, batch_sizes=(16, 64), modes=("autograd",), rounds=0)
     ratio = row["device_activation_mib_per_sample"] / row["activation_mib_per_sample"]
     assert 0.9 < ratio < 1.1, ratio
 
