@@ -102,6 +102,9 @@ class GlowConfig:
     n_bits: int = option(8, "bits per channel the images are reduced to")
     learn_top: bool = option(True, "learned (zero-initialized) top prior instead of N(0, I)")
     num_classes: int = option(0, "> 0: class-conditional prior (the data set must have labels)")
+    class_head: bool = option(True, "class-conditional models also predict the class from the spatial mean of the "
+                              "top latent (zero-initialized linear head; the trainer adds --weight-y times its "
+                              "cross-entropy in bits)")
     context_channels: int = option(0, "> 0: conditioned on a context map [N, this, H', W'] given to every call")
     # The reference implementation's coupling network and zero-initialized layers (paper section 3.3; openai/glow
     # tfops.py). A checkpoint written before these options existed has none of them in its config: from_dict reads
@@ -142,7 +145,7 @@ class GlowConfig:
             raise ConfigError(f"GlowConfig.n_bits must be between 1 and 8; got {self.n_bits}")
         check_int("GlowConfig", "num_classes", self.num_classes, 0)
         check_int("GlowConfig", "context_channels", self.context_channels, 0)
-        _check_bools(self, ("learn_top", "compile", "nn_actnorm", "edge_padding"))
+        _check_bools(self, ("learn_top", "class_head", "compile", "nn_actnorm", "edge_padding"))
         self.zero_logscale_factor = check_logscale_factor("GlowConfig.zero_logscale_factor", self.zero_logscale_factor,
                                                           allow_none=True)
         self.actnorm_logscale_factor = check_logscale_factor("GlowConfig.actnorm_logscale_factor",
@@ -170,7 +173,8 @@ class GlowConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "GlowConfig":
         """The config saved by to_dict. A saved config without the reference-network options (written before they
-        existed) gets the values that describe the model it was trained as (plain network, factors off)."""
+        existed) gets the values that describe the model it was trained as (plain network, factors off, no class
+        head)."""
         check_known_fields(cls, data)
         data = {**_BEFORE_FIDELITY_OPTIONS, **data}
         if "image_shape" in data:
@@ -178,9 +182,10 @@ class GlowConfig:
         return cls(**data)
 
 
-# What a GlowConfig dict without these keys (a checkpoint from before they existed) means.
+# What a GlowConfig dict without these keys (a checkpoint from before they existed) means: the model it was
+# trained as (plain coupling network, no log-scale factors, no class head).
 _BEFORE_FIDELITY_OPTIONS = {"nn_actnorm": False, "edge_padding": False, "zero_logscale_factor": None,
-                            "actnorm_logscale_factor": 1.0}
+                            "actnorm_logscale_factor": 1.0, "class_head": False}
 
 
 @dataclass

@@ -6,7 +6,7 @@ The steps of each level run through `ReversibleSequence`, so `GlowConfig.memory`
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +15,26 @@ from torch import nn
 from revglow.config import GlowConfig
 from revglow.layers import FlowStep, SplitPrior, TopPrior, squeeze2d, unsqueeze2d
 from revglow.layers.actnorm import ActNorm
+from revglow.layers.classifier import ClassHead, class_bits
 from revglow.reversible import ReversibleSequence
 
-__all__ = ["Glow", "Level"]
+__all__ = ["Glow", "GlowLosses", "Level"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
 def _standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (eps * eps + _LOG_2PI)).flatten(1).sum(1)
+
+
+class GlowLosses(NamedTuple):
+    """What `Glow.losses` returns, per sample: `bits_x` the bits/dim of the images (the training loss of an
+    unconditional model); for a model with a class head, `bits_y` the head's cross-entropy of the true class in bits
+    and `class_logits` [N, num_classes] (both None otherwise)."""
+
+    bits_x: torch.Tensor
+    bits_y: Optional[torch.Tensor] = None
+    class_logits: Optional[torch.Tensor] = None
 
 
 class Level(nn.Module):
@@ -99,6 +110,8 @@ class Glow(nn.Module):
                 c = split.kept
         self.latent_shapes.append((c, h, w))
         self.top_prior = TopPrior((c, h, w), config.learn_top, config.num_classes, config.zero_logscale_factor)
+        self.class_head = (ClassHead(c, config.num_classes, config.zero_logscale_factor)
+                           if config.num_classes > 0 and config.class_head else None)
         # The levels share their modules with `flows` and `splits`, which own them: the state_dict keys (and the EMA
         # names in checkpoints) stay flows.L.* and splits.L.*. A plain list, so nothing is registered twice.
         self._levels = [Level(flow, self.splits[i] if i < len(self.splits) else None, size)
@@ -259,6 +272,8 @@ class Glow(nn.Module):
 
     # --------------------------------------------------------------------------------- the bijection
     def _encode(self, xc: torch.Tensor, y, context=None):
+        """-> (latents, logdet, z_top): the standardized latents of every level, log|det|, and the top level's
+        output before its prior (what the class head reads)."""
         logdet = torch.zeros(xc.shape[0], dtype=xc.dtype, device=xc.device)
         latents: List[torch.Tensor] = []
         z = xc
@@ -269,7 +284,7 @@ class Glow(nn.Module):
                 latents.append(eps)
         eps, ld = self.top_prior(z, y)
         latents.append(eps)
-        return latents, logdet + ld
+        return latents, logdet + ld, z
 
     def encode(self, xc: torch.Tensor, y=None, context=None) -> List[torch.Tensor]:
         """Preprocessed images -> one standard-normal latent per level (split priors' standardization included)."""
@@ -300,8 +315,11 @@ class Glow(nn.Module):
         return self._log_prob(xc, y, context)
 
     def _log_prob(self, xc: torch.Tensor, y, context=None) -> torch.Tensor:
-        latents, logdet = self._encode(xc, y, context)
-        return sum(_standard_normal_log_prob(eps) for eps in latents) + logdet
+        return self._log_prob_and_top(xc, y, context)[0]
+
+    def _log_prob_and_top(self, xc: torch.Tensor, y, context=None):
+        latents, logdet, z_top = self._encode(xc, y, context)
+        return sum(_standard_normal_log_prob(eps) for eps in latents) + logdet, z_top
 
     def bits_per_dim(self, xc: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Per-sample bits/dim of the discrete n-bit images that xc dequantizes.
@@ -318,11 +336,42 @@ class Glow(nn.Module):
     def forward(self, x: torch.Tensor, y=None, context=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1]); the dequantization
         noise comes from `generator` (None: the global RNG)."""
-        y, context = self._check_inputs("forward", x, raw=True, y=y, context=context, initialized=False)
+        return self._losses(x, y, context, generator, "forward").bits_x
+
+    def losses(self, x: torch.Tensor, y=None, context=None, generator: Optional[torch.Generator] = None) -> GlowLosses:
+        """Per-sample bits/dim of images x and, with a class head (class-conditional model, `class_head=True`),
+        the head's cross-entropy of the true class in bits and its logits. The reference trains on
+        bits_x + weight_y * bits_y (weight_y 0.01: `TrainConfig.weight_y`)."""
+        return self._losses(x, y, context, generator, "losses")
+
+    def _losses(self, x, y, context, generator, what: str) -> GlowLosses:
+        y, context = self._check_inputs(what, x, raw=True, y=y, context=context, initialized=False)
         if not self.is_initialized:
             self._initialize(x, y, context)
         # x and y were checked above: no second pass over the data for the same checks
-        return self._bits_per_dim(self._log_prob(self._dequantize(x, generator=generator), y, context))
+        log_prob, z_top = self._log_prob_and_top(self._dequantize(x, generator=generator), y, context)
+        bits_x = self._bits_per_dim(log_prob)
+        if self.class_head is None:
+            return GlowLosses(bits_x)
+        logits = self.class_head(z_top)
+        return GlowLosses(bits_x, class_bits(logits, y), logits)
+
+    @torch.no_grad()
+    def predict_class(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        """The class head's logits [N, num_classes] for images x (no dequantization noise: the bin's lower edge
+        plus half a bin). The head reads the top latent, which does not depend on the label: the prior's class
+        shift comes after it."""
+        if self.class_head is None:
+            raise ValueError("Glow.predict_class: this model has no class head (it needs num_classes > 0 and "
+                             "class_head=True)")
+        self._check_raw_images(x, "predict_class")
+        context = self._check_context(context, x.shape[0], "predict_class")
+        self._require_initialized("predict_class")
+        xc = self._dequantize(x, noise=False) + 0.5 / self.n_bins
+        z = xc
+        for level, level_context in zip(self._levels, self._level_contexts(context)):
+            z, _, _ = level(z, level_context)
+        return self.class_head(z)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y=None, context=None) -> None:

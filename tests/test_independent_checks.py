@@ -74,7 +74,7 @@ def test_fresh_affine_glow_log_determinant_is_that_of_sigmoid_2():
             module.initialized.fill_(True)
             module._initialized = True
     xc = torch.rand(3, 2, 4, 4, dtype=torch.float64) - 0.5
-    latents, logdet = model._encode(xc, None)
+    latents, logdet, _ = model._encode(xc, None)
     transformed_per_step = (2 * 4 * 4) // 2            # half of the 8 channels at 2x2 after the squeeze
     expected = 3 * transformed_per_step * math.log(SIGMOID_2)
     torch.testing.assert_close(logdet, torch.full((3,), expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
