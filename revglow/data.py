@@ -13,6 +13,11 @@ Sources (`load_dataset(name, root, image_size)`):
            its path (or is left out, and counted, with skip_bad_images=True).
   npz      a NumPy .npz file `root` with x_train/x_test (+ y_train/y_test), or images|x (+ labels|y)
            and a fixed 10% test split; [N, H, W, C], [N, C, H, W] or [N, H, W] uint8 arrays.
+  photos   square crops (side `image_size`, default 64) of the two 427x640 colour photographs shipped with
+           scikit-learn (`load_sample_images`): a real high-resolution source that needs no files. The right
+           strip of each photograph (a quarter of its width, at least one crop wide) is the test region, the
+           rest the train region, so no train crop shares a pixel with a test crop; crop positions are fixed
+           (seed 0). Labels: which photograph (0 china, 1 flower).
 
 `READERS` maps each name of DATASETS to its reader. The training order and the DataLoaders (sampling and
 positioning) are in revglow.sampling; its names are importable from here too.
@@ -56,6 +61,7 @@ __all__ = [
     "load_cifar10",
     "load_image_folder",
     "load_npz",
+    "load_photos",
     "make_train_loader",
     "make_eval_loader",
     "stack_images",
@@ -67,6 +73,9 @@ DEFAULT_TEST_FRACTION = 0.1
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PHOTOS_DEFAULT_SIZE = 64
+PHOTOS_TRAIN_PIXELS = 2048 * 64 * 64     # train crops per photograph: this many pixels (2048 at 64x64), at least 64
+PHOTOS_TEST_CROPS = 128                  # test crops per photograph
 
 
 class DataError(RevglowError, ValueError):
@@ -411,6 +420,47 @@ def load_npz(root: Optional[str]) -> ImageData:
     return _split_tensors("npz", torch.from_numpy(images), labels, DEFAULT_TEST_FRACTION)
 
 
+def _photo_crops(photo: np.ndarray, size: int, count: int, columns: Tuple[int, int],
+                 rng: np.random.Generator) -> np.ndarray:
+    """`count` crops [count, 3, size, size] of `photo` [H, W, 3] whose columns lie in [columns[0], columns[1])."""
+    tops = rng.integers(0, photo.shape[0] - size + 1, count)
+    lefts = rng.integers(columns[0], columns[1] - size + 1, count)
+    crops = np.stack([photo[t:t + size, left:left + size] for t, left in zip(tops, lefts)])
+    return np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
+
+
+def load_photos(image_size: Optional[int] = None) -> ImageData:
+    """Crops of scikit-learn's two sample photographs (see the module docstring), uint8 [N, 3, s, s]."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as exc:
+        raise DataError("--data photos needs scikit-learn (pip install scikit-learn)") from exc
+    size = PHOTOS_DEFAULT_SIZE if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise DataError(f"--data photos: --image-size must be an int; got {size!r}")
+    try:
+        photos = load_sample_images().images           # decoding the JPEGs needs Pillow
+    except ImportError as exc:
+        raise DataError("--data photos needs Pillow to decode the photographs (pip install Pillow)") from exc
+    height, width = photos[0].shape[:2]
+    test_width = max(width // 4, size)
+    if size < 2 or size > min(height, width - test_width):
+        raise DataError(f"--data photos: --image-size must lie between 2 and {min(height, width // 2)} (the "
+                        f"{height}x{width} photographs keep a test strip of at least one crop); got {size}")
+    n_train = max(64, PHOTOS_TRAIN_PIXELS // (size * size))
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, test, train_labels, test_labels = [], [], [], []
+    for label, photo in enumerate(photos):
+        train.append(_photo_crops(photo, size, n_train, (0, width - test_width), rng))
+        test.append(_photo_crops(photo, size, PHOTOS_TEST_CROPS, (width - test_width, width), rng))
+        train_labels += [label] * n_train
+        test_labels += [label] * PHOTOS_TEST_CROPS
+    labels = torch.tensor(train_labels + test_labels)
+    return _make_data("photos", TensorImageDataset(torch.from_numpy(np.concatenate(train)), torch.tensor(train_labels)),
+                      TensorImageDataset(torch.from_numpy(np.concatenate(test)), torch.tensor(test_labels)),
+                      (3, size, size), labels, ("china", "flower"))
+
+
 def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int] = None,
                  skip_bad_images: bool = False) -> ImageData:
     """Load one of DATASETS from local files (see the module docstring)."""
@@ -434,6 +484,7 @@ READERS = {
     "cifar10": _fixed_size(load_cifar10),
     "folder": load_image_folder,
     "npz": _fixed_size(load_npz),
+    "photos": lambda root, image_size, skip_bad_images: load_photos(image_size),
 }
 assert tuple(READERS) == DATASETS, "revglow.config.DATASETS and revglow.data.READERS must name the same data sets"
 

@@ -265,3 +265,37 @@ def test_distributed_sampler_shares_each_global_batch_and_reshuffles():
     first = list(samplers[0])
     samplers[0].set_position(DataPosition(1, 0))
     assert list(samplers[0]) != first
+
+
+def _find(photo: np.ndarray, crop: np.ndarray):
+    """Every (top, left) where crop [3, s, s] occurs in photo [H, W, 3], by brute force."""
+    s = crop.shape[1]
+    windows = np.lib.stride_tricks.sliding_window_view(photo, (s, s, 3))[:, :, 0]   # [H-s+1, W-s+1, s, s, 3]
+    return [tuple(p) for p in np.argwhere((windows == crop.transpose(1, 2, 0)).all(axis=(2, 3, 4)))]
+
+
+def test_photos_crops_come_from_disjoint_train_and_test_regions():
+    """Each crop is found in its photograph by brute force: train crops lie left of the test strip (the right
+    quarter), test crops inside it; the crops are the same on every load; labels name the photograph."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    data = load_dataset("photos", image_size=16)
+    assert data.image_shape == (3, 16, 16) and data.num_classes == 2 and data.class_names == ["china", "flower"]
+    assert torch.equal(data.train.images, load_dataset("photos", image_size=16).train.images)
+    width, strip = photos[0].shape[1], photos[0].shape[1] // 4
+    for dataset, inside in ((data.train, lambda left: left + 16 <= width - strip),
+                            (data.test, lambda left: left >= width - strip)):
+        labels = dataset.labels
+        for label in (0, 1):
+            rows = torch.nonzero(labels == label).flatten()
+            for i in rows[:: max(1, len(rows) // 4)][:4].tolist():
+                found = _find(photos[label], dataset.images[i].numpy())
+                assert found and all(inside(left) for _, left in found), (label, i, found)
+
+
+def test_photos_default_size_and_bad_sizes():
+    data = load_dataset("photos")
+    assert data.image_shape == (3, 64, 64) and len(data.train) == 2 * 2048 and len(data.test) == 2 * 128
+    with pytest.raises(DataError, match="between 2 and 320"):
+        load_dataset("photos", image_size=400)
