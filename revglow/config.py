@@ -200,7 +200,8 @@ class TrainConfig:
     data: str = option("digits", "data set (read from local files only)", DATASETS)
     data_root: Optional[str] = option(None, "cifar10: folder with the python batches; folder: image folder; npz: "
                                       "the .npz file")
-    image_size: Optional[int] = option(None, "folder data: resize (shorter side) and centre-crop images to this size")
+    image_size: Optional[int] = option(None, "folder data: resize (shorter side) and centre-crop images to this size; "
+                                       "photos: the side of the crops (default 64)")
     batch_size: int = option(64, "images per step")
     optimizer: str = option("adam", "adam (torch.optim.Adam) or adamax (the paper's code: Adamax, beta2 = 1 - "
                             "1/steps per epoch)", OPTIMIZERS)
@@ -210,6 +211,8 @@ class TrainConfig:
     warmup_epochs: Optional[float] = option(None, "linear learning-rate warm-up, in epochs (converted with the steps "
                                             "per epoch; instead of --warmup)")
     grad_clip: Optional[float] = option(None, "clip the global gradient norm to this ('none': no clipping)")
+    weight_y: float = option(0.01, "class-conditional model with a class head: the loss is bits/dim + this times the "
+                             "head's cross-entropy in bits (the paper's code: 0.01; 0: the head does not train)")
     max_steps: Optional[int] = option(None, f"total optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs)")
     epochs: Optional[int] = option(None, "train this many passes over the train split instead of --max-steps")
     seed: int = option(0, "seed of the data order, initialization and dequantization noise")
@@ -263,6 +266,9 @@ class TrainConfig:
                 raise ConfigError("TrainConfig: give warmup (steps) or warmup_epochs, not both")
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"TrainConfig.lr must be a positive number; got {self.lr!r}")
+        if (isinstance(self.weight_y, bool) or not isinstance(self.weight_y, (int, float))
+                or not math.isfinite(self.weight_y) or self.weight_y < 0):
+            raise ConfigError(f"TrainConfig.weight_y must be a finite number >= 0; got {self.weight_y!r}")
         if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
             raise ConfigError(f"TrainConfig.grad_clip must be a positive number or None; got {self.grad_clip!r}")
         if self.ema is not None and (not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0):

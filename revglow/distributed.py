@@ -20,7 +20,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_from_environment", "launched_by_torchrun"]
+__all__ = ["DistributedContext", "end_process_group", "init_from_environment", "launched_by_torchrun"]
 
 
 def launched_by_torchrun() -> bool:
@@ -46,6 +46,17 @@ def init_from_environment(device: str = "auto") -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return True
+
+
+def end_process_group(after_success: bool = True) -> None:
+    """Destroy the default process group. After a run that finished on this rank, first wait for every rank
+    (a barrier), so that none tears its connections down while another is still in a collective; after an
+    error the others may never reach that barrier, so it is skipped."""
+    if not dist.is_initialized():
+        return
+    if after_success:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Held-out bits/dim of a model, and loading a trained model from a checkpoint (EMA weights when present).
+"""Held-out bits/dim of a model (and its class head's predictions), and loading a trained model from a checkpoint (EMA weights when present).
 
 Example:
     >>> model = load_model("runs/digits/checkpoint.pt", torch.device("cpu"))         # doctest: +SKIP
@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import GlowConfig
 from .errors import ConfigError
+from .layers.classifier import class_bits
 from .model import Glow
 from .sampling import make_eval_loader
 
-__all__ = ["evaluate_bits_per_dim", "standard_error", "load_model", "sample_labels"]
+__all__ = ["evaluate_bits_per_dim", "evaluate_class_head", "standard_error", "load_model", "sample_labels"]
 
 
 @torch.no_grad()
@@ -47,6 +48,26 @@ def evaluate_bits_per_dim(model: Glow, dataset, batch_size: int, device: torch.d
     finally:
         model.train(was_training)
     return torch.stack(results).mean(dim=0)
+
+
+@torch.no_grad()
+def evaluate_class_head(model: Glow, dataset, batch_size: int, device: torch.device,
+                        workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per image of a labelled data set: the class head's cross-entropy of the true class in bits, and whether
+    its most likely class is the true one (1.0 or 0.0); both [N] float64 on the CPU. The head sees each image
+    without dequantization noise (`Glow.predict_class`)."""
+    was_training = model.training
+    model.eval()
+    bits, correct = [], []
+    try:
+        for x, y in make_eval_loader(dataset, batch_size, workers):
+            logits = model.predict_class(x.to(device))
+            y = torch.as_tensor(y).to(device)
+            bits.append(class_bits(logits.double(), y).cpu())
+            correct.append((logits.argmax(dim=1) == y).double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(bits), torch.cat(correct)
 
 
 def sample_labels(model: Glow, n: int, device: torch.device) -> Optional[torch.Tensor]:

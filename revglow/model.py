@@ -333,10 +333,13 @@ class Glow(nn.Module):
         d = self.config.num_dims
         return -(log_prob - d * math.log(self.n_bins)) / (d * math.log(2.0))
 
-    def forward(self, x: torch.Tensor, y=None, context=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y=None, context=None, generator: Optional[torch.Generator] = None,
+                all_losses: bool = False):
         """Training loss: per-sample bits/dim of images x (uint8 0..255 or float in [0, 1]); the dequantization
-        noise comes from `generator` (None: the global RNG)."""
-        return self._losses(x, y, context, generator, "forward").bits_x
+        noise comes from `generator` (None: the global RNG). `all_losses=True` returns what `losses` returns (for
+        wrappers such as DistributedDataParallel, which pass on calls to forward only)."""
+        out = self._losses(x, y, context, generator, "forward")
+        return out if all_losses else out.bits_x
 
     def losses(self, x: torch.Tensor, y=None, context=None, generator: Optional[torch.Generator] = None) -> GlowLosses:
         """Per-sample bits/dim of images x and, with a class head (class-conditional model, `class_head=True`),

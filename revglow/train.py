@@ -43,7 +43,7 @@ from .data import ImageData, load_dataset, stack_images
 from .distributed import DistributedContext
 from .errors import ConfigError, RevglowError
 from .ema import ExponentialMovingAverage
-from .evaluation import evaluate_bits_per_dim, load_model, sample_labels, standard_error
+from .evaluation import evaluate_bits_per_dim, evaluate_class_head, load_model, sample_labels, standard_error
 from .images import make_grid, save_grid
 from .layers.actnorm import DegenerateInitError
 from .metrics import METRICS_NAME, MetricsLog, NoMetrics, peak_memory_mb
@@ -101,6 +101,8 @@ MODEL_DEFAULTS: Dict[str, Dict] = {
     "cifar10": {"levels": 3, "depth": 32, "hidden": 512},
     "folder": {"levels": 3, "depth": 32, "hidden": 512},
     "npz": {"levels": 2, "depth": 16, "hidden": 256},
+    # a CPU-sized model for 64x64 crops of two photographs: 5 bits, as the paper's CelebA-HQ 256x256 model
+    "photos": {"levels": 3, "depth": 8, "hidden": 64, "n_bits": 5},
 }
 
 
@@ -231,6 +233,10 @@ class Trainer:
         # turning augmentation on leaves the dequantization noise's stream as it was.
         self.augment_generator = torch.Generator().manual_seed(
             config.seed * 65536 + self.dist.rank + 1 if self.dist.enabled else config.seed)
+        # The dequantization noise of training steps: a generator on the device, saved with the other RNG states
+        # (per rank), so a resumed run draws what the uninterrupted one would have.
+        self.noise_generator = torch.Generator(self.device).manual_seed(
+            config.seed * 65536 + self.dist.rank + 1 if self.dist.enabled else config.seed)
         self.step = 0
         self.position = DataPosition()
         self.bad_steps = 0
@@ -324,8 +330,12 @@ class Trainer:
         }
 
     def _capture_rng(self) -> Dict:
-        """This rank's RNG states: the global ones and the generator of --augment's shifts."""
-        return capture_rng_state({"augment": self.augment_generator})
+        """This rank's RNG states: the global ones and the generators of the dequantization noise and of
+        --augment's shifts."""
+        return capture_rng_state(self._generators())
+
+    def _generators(self) -> Dict[str, torch.Generator]:
+        return {"augment": self.augment_generator, "noise": self.noise_generator}
 
     def _load_state(self, state: Dict) -> None:
         saved_optimizer = state["train_config"].get("optimizer", "adam")    # runs from before the option: Adam
@@ -357,8 +367,7 @@ class Trainer:
         saved_world = int(state.get("world_size", 1))
         per_rank = state.get("rng_per_rank")
         if saved_world == self.dist.world_size:
-            restore_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"],
-                              {"augment": self.augment_generator})
+            restore_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"], self._generators())
             return
         warnings.warn(f"the checkpoint was written by {saved_world} process(es) and {self.dist.world_size} resume it: "
                       f"the random streams are reseeded, so the run goes on but not bit for bit as it would have",
@@ -368,6 +377,7 @@ class Trainer:
         np.random.seed(seed % 2 ** 32)
         random.seed(seed)
         self.augment_generator.manual_seed(seed)
+        self.noise_generator.manual_seed(seed)
 
     def save(self) -> Path:
         """Write checkpoint.pt atomically, keep a checkpoint-STEP.pt copy, prune old copies (rank 0 writes;
@@ -402,6 +412,23 @@ class Trainer:
                                               seed=self.config.seed + self.dist.rank, workers=self.config.workers)
         self.last_eval = torch.cat(self.dist.all_gather_object(local)) if self.dist.enabled else local
         return self.last_eval
+
+    def evaluate_class_head(self) -> Optional[Dict[str, float]]:
+        """The class head's test cross-entropy (bits) and accuracy with the weights used for samples (EMA when
+        on); None for a model without a class head. Under torch.distributed each rank does a share."""
+        if self.model.class_head is None:
+            return None
+        test = self.data.test
+        if self.dist.enabled:
+            test = torch.utils.data.Subset(test, list(range(self.dist.rank, len(test), self.dist.world_size)))
+        bits, correct = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+        if len(test):
+            with self._eval_context() as model:
+                bits, correct = evaluate_class_head(model, test, self.config.batch_size, self.device,
+                                                    self.config.workers)
+        if self.dist.enabled:
+            bits, correct = (torch.cat(parts) for parts in zip(*self.dist.all_gather_object((bits, correct))))
+        return {"test_class_bits": float(bits.mean()), "test_class_accuracy": float(correct.mean())}
 
     def write_samples(self) -> List[Path]:
         """Sample grids at SAMPLE_TEMPERATURES (rank 0 only)."""
@@ -545,20 +572,29 @@ class Trainer:
         record = {"step": self.step + 1, "epoch": self.position.epoch, "lr": lr}
         self.optimizer.zero_grad(set_to_none=True)
         network = self._wrap_model()
-        failure, error, value, loss = None, None, math.nan, None
+        failure, error, value, loss, bpd = None, None, math.nan, None, None
         sync = self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
         try:
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16"):
-                    bpd = network(x, y)
-                loss = bpd.float().mean()
+                    out = network(x, y, generator=self.noise_generator, all_losses=True)
+                bpd = out.bits_x.float().mean()
+                loss = bpd
+                if out.bits_y is not None and self.config.weight_y > 0:
+                    class_bits = out.bits_y.float().mean()
+                    loss = bpd + self.config.weight_y * class_bits
                 if self.dist.enabled:
                     loss.backward()              # a non-finite loss is caught with the flags, without a sync here
                 else:
-                    value = float(loss.detach())     # the one read of the loss per step (logging needs it)
-                    if not math.isfinite(value):
+                    # the one read per step (logging needs it): the loss, its bits/dim and the class head's bits
+                    terms = [loss, bpd] + ([class_bits] if loss is not bpd else [])
+                    read = torch.stack([t.detach() for t in terms]).tolist()
+                    if not math.isfinite(read[0]):
                         failure = "loss"
                     else:
+                        value = read[1]
+                        if len(read) == 3:
+                            record["class_bits"] = read[2]
                         loss.backward()
         except _NUMERICAL_ERRORS as exc:
             failure = ("singular" if isinstance(exc, torch.linalg.LinAlgError) else
@@ -566,7 +602,8 @@ class Trainer:
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         if self.dist.enabled:
             local_failure = failure
-            failure, value = self._all_reduce_step(failure, loss)
+            failure, value = self._all_reduce_step(failure, bpd)   # the loss logged: bits/dim (the class term,
+            # if any, is in the gradients, whose norm catches a non-finite one)
             if failure is not None and local_failure is None and failure != "loss":
                 error = "on another process"
         record["bpd"] = value if failure is None and math.isfinite(value) else None
@@ -737,7 +774,8 @@ class Trainer:
         raw = test if raw is None else raw
         self._metrics.write({"step": self.step, "test_bpd": float(test.mean()),
                              "test_bpd_stderr": standard_error(test), "ema": self.ema is not None,
-                             "test_bpd_raw": float(raw.mean()), "test_bpd_raw_stderr": standard_error(raw)})
+                             "test_bpd_raw": float(raw.mean()), "test_bpd_raw_stderr": standard_error(raw),
+                             **(self.evaluate_class_head() or {})})
         return test, raw
 
     def _finish(self) -> TrainResult:

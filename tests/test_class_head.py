@@ -1,6 +1,7 @@
 """The class head of a class-conditional Glow (the authors' "predictive loss"): its cross-entropy against an
 independent numpy computation, its gradients in every memory mode against autograd, that it learns, and that
 checkpoints from before it existed load as the model they were."""
+import json
 import math
 
 import numpy as np
@@ -125,3 +126,31 @@ def test_a_config_saved_before_the_head_existed_loads_without_it():
     model.eval(), again.eval()
     xc = model.preprocess(x, noise=False)
     torch.testing.assert_close(again.bits_per_dim(xc, y), model.bits_per_dim(xc, y))
+
+
+def _train(tmp_path, name, **options):
+    from revglow.data import load_dataset
+    from revglow.train import TrainConfig, Trainer
+
+    config = TrainConfig(batch_size=32, warmup=2, lr=3e-3, ema=None, eval_every=0, sample_every=0,
+                         checkpoint_every=0, n_samples=10, progress=False, out=str(tmp_path / name), **options)
+    glow = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16, num_classes=10, kernels="torch")
+    trainer = Trainer(glow, config, data=load_dataset("digits"))
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return trainer, rows
+
+
+def test_the_trainer_adds_weight_y_times_the_class_bits_and_evaluates_the_head(tmp_path):
+    """With weight_y > 0 every step logs the head's class bits and the test evaluation its accuracy, which beats
+    chance on digits after 60 steps; with weight_y = 0 the head gets no gradient and stays at zero."""
+    trainer, rows = _train(tmp_path, "joint", max_steps=60, weight_y=1.0)
+    steps = [r for r in rows if "images_per_s" in r]
+    assert len(steps) == 60 and all(0 < r["class_bits"] for r in steps)
+    assert steps[-1]["class_bits"] < steps[0]["class_bits"] <= math.log2(10) + 1e-6
+    final = [r for r in rows if "test_class_accuracy" in r][-1]
+    assert final["test_class_accuracy"] > 0.3 and final["test_class_bits"] < math.log2(10)
+
+    trainer, rows = _train(tmp_path, "off", max_steps=3, weight_y=0.0)
+    assert all("class_bits" not in r for r in rows if "images_per_s" in r)
+    assert all(float(p.detach().abs().max()) == 0 for p in trainer.model.class_head.parameters())

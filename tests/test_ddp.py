@@ -162,7 +162,7 @@ def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tens
         grads = [p.grad.clone() for p in trainer.model.parameters()]
         # A numerical failure on one rank only: both skip the step together (no rank waits for the other).
         if rank == 1:
-            def forward(self, x, y=None, context=None):
+            def forward(self, x, y=None, **options):
                 raise torch.linalg.LinAlgError("linalg.inv: The diagonal element 1 is zero")
             Glow.forward = forward
         before = [p.detach().clone() for p in trainer.model.parameters()]
