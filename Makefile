@@ -14,10 +14,15 @@ demo:
 test:
 	@py="$(PY)"; "$$py" -m pytest -q
 
+# The CPU benchmarks: memory against depth (resident set), step time of the memory modes, and the sweeps with
+# their plots (benchmarks/sweeps.py all: memory against K, resolution and batch, step time per mode, sampling
+# latency at 256x256). Each runs even if one before it missed a target; the exit status says whether all met theirs.
 bench:
-	@py="$(PY)"; set -e; \
-	"$$py" benchmarks/memory_vs_depth.py; \
-	"$$py" benchmarks/step_time.py
+	@py="$(PY)"; status=0; \
+	"$$py" benchmarks/memory_vs_depth.py || status=1; \
+	"$$py" benchmarks/step_time.py || status=1; \
+	"$$py" benchmarks/sweeps.py all || status=1; \
+	exit $$status
 
 # Micro-benchmarks (pytest-benchmark) of each fused op, a flow step and a Glow training step, on CUDA when
 # available, else the CPU. Each run is saved under benchmarks/results/micro/DEVICE/ (machine info included) for
