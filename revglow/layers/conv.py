@@ -11,40 +11,22 @@ layer starts as the identity map's shift; with a `logscale_factor` f its output 
 per output channel, `logs` starting at 0 (it changes how fast the optimizer can scale the output, not the map
 at initialization).
 
-Both are nn.Conv2d subclasses holding `weight` and `bias` under the usual names, so the state_dict keys of a
-model built without these options are those of plain nn.Conv2d layers.
+The functions (`add_edge_padding`, `conv2d_same`, and the backward the fused coupling network uses) live in
+revglow.ops.conv_same, which computes an edge-padded convolution without copying its input when the input is
+the wider side. Both layers are nn.Conv2d subclasses holding `weight` and `bias` under the usual names, so the
+state_dict keys of a model built without these options are those of plain nn.Conv2d layers.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from revglow.config import check_logscale_factor
+from revglow.ops.conv_same import add_edge_padding, conv2d_same
 
 __all__ = ["add_edge_padding", "conv2d_same", "Conv2dSame", "ZeroConv2d"]
-
-
-def add_edge_padding(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """x [N, C, H, W] zero-padded by `pad` on each side, with one more channel that is 1 on the padded border and 0
-    inside: [N, C + 1, H + 2 pad, W + 2 pad]."""
-    n, _, h, w = x.shape
-    border = F.pad(x.new_zeros(1, 1, h, w), (pad, pad, pad, pad), value=1.0)
-    return torch.cat([F.pad(x, (pad, pad, pad, pad)), border.expand(n, -1, -1, -1)], dim=1)
-
-
-def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                edge_padding: bool) -> torch.Tensor:
-    """Convolution with an odd square kernel and stride 1 keeping H x W; zero padding, or edge padding (the weight
-    then has one more input channel, for the border)."""
-    pad = weight.shape[-1] // 2
-    if pad == 0:
-        return F.conv2d(x, weight, bias)
-    if edge_padding:
-        return F.conv2d(add_edge_padding(x, pad), weight, bias)
-    return F.conv2d(x, weight, bias, padding=pad)
 
 
 class Conv2dSame(nn.Conv2d):

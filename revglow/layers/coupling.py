@@ -22,8 +22,10 @@ from torch import nn
 
 from revglow.layers.actnorm import ActNorm
 from revglow.layers.base import InvertibleModule
-from revglow.layers.conv import Conv2dSame, ZeroConv2d, conv2d_same
+from revglow.layers.conv import Conv2dSame, ZeroConv2d
 from revglow.ops import coupling_affine as ops
+from revglow.ops import coupling_network as network_op
+from revglow.ops.coupling_network import coupling_network_reference as coupling_network   # the pure function
 from revglow.ops.compiled import compiled
 from revglow.ops.dispatch import resolve_backend
 
@@ -46,6 +48,10 @@ class CouplingNetwork(nn.Module):
     log-scale factor `actnorm_logscale_factor`): conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> conv3x3;
     `edge_padding`: the 3x3 convolutions see the border channel (revglow.layers.conv);
     `zero_logscale_factor` f: the last convolution's output is multiplied by exp(f * logs) per channel.
+
+    Once its ActNorms are initialized, the forward runs as one op (revglow.ops.coupling_network: the same map,
+    differentiated keeping about a third of the memory of plain autograd) unless a submodule has hooks or was
+    replaced; `compile` runs the pure function `coupling_network` under torch.compile instead.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int, actnorm: bool = False,
@@ -72,11 +78,15 @@ class CouplingNetwork(nn.Module):
                 self.conv_hidden.weight, self.conv_hidden.bias, *norm(self.norm_hidden),
                 self.conv_out.weight, self.conv_out.bias, self.conv_out.output_scale(), self.edge_padding)
 
-    def forward(self, x, compile: bool = False):
+    def forward(self, x, compile: bool = False, release: bool = False):
+        """`release=True`: the caller runs one backward through the output right away (the reversible engine's
+        recomputation), so the network's wide intermediates may be freed as that backward uses them."""
         norms = [m for m in (self.norm_in, self.norm_hidden) if m is not None]
         if compile and all(m.is_initialized for m in norms):   # the data-dependent init runs eagerly
             return compiled(coupling_network)(x, *self.weights())
-        # eager: through the submodules, so hooks on them and submodules a user swapped in keep working
+        if self._runs_as_one_op(norms):
+            return network_op.coupling_network(x, *self.weights(), release=release)
+        # through the submodules: the data-dependent init, and hooks on them or submodules a user swapped in
         h = self.conv_in(x)
         if self.norm_in is not None:
             h = self.norm_in(h)[0]
@@ -85,20 +95,13 @@ class CouplingNetwork(nn.Module):
             h = self.norm_hidden(h)[0]
         return self.conv_out(F.relu(h))
 
-
-def _scale_shift(h, scale, shift):
-    return h if scale is None else h * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-
-
-def coupling_network(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out,
-                     edge_padding):
-    """CouplingNetwork's computation as a pure function of its weights (what torch.compile compiles once for
-    every step of a level). b_*: convolution biases (None with ActNorm); s_*, t_*: ActNorm scale and bias (None
-    without); s_out: the last layer's output scale exp(f * logs) (None without a log-scale factor)."""
-    h = F.relu(_scale_shift(conv2d_same(x, w_in, b_in, edge_padding), s_in, t_in))
-    h = F.relu(_scale_shift(F.conv2d(h, w_hidden, b_hidden), s_hidden, t_hidden))
-    out = conv2d_same(h, w_out, b_out, edge_padding)
-    return out if s_out is None else out * s_out.view(1, -1, 1, 1)
+    def _runs_as_one_op(self, norms) -> bool:
+        """Whether the forward may run as revglow.ops.coupling_network (the same map, computed with a fraction of
+        the memory): the submodules are the ones built here, initialized, with no hooks of their own."""
+        parts = ((self.conv_in, Conv2dSame), (self.conv_hidden, Conv2dSame), (self.conv_out, ZeroConv2d),
+                 *((m, ActNorm) for m in norms))
+        return all(type(m) is kind and not (m._forward_hooks or m._forward_pre_hooks) for m, kind in parts) \
+            and all(m.is_initialized for m in norms)
 
 
 def _split_point(split: Optional[int], channels: int) -> int:
@@ -129,14 +132,14 @@ class _OneNetworkCoupling(InvertibleModule):
         self.kernels = kernels
         self.compile = False
 
-    def _network(self, xb, context):
+    def _network(self, xb, context, release: bool = False):
         net_input = _with_context(xb, context)
         if isinstance(self.net, CouplingNetwork):
-            return self.net(net_input, compile=self.compile)
+            return self.net(net_input, compile=self.compile, release=release)
         return self.net(net_input)
 
-    def _network_output(self, xb, context, channels_a: int):
-        net_out = self._network(xb, context)
+    def _network_output(self, xb, context, channels_a: int, release: bool = False):
+        net_out = self._network(xb, context, release)
         want = 2 * channels_a if self.kind == "affine" else channels_a
         if not isinstance(net_out, torch.Tensor) or net_out.shape[0] != xb.shape[0] or net_out.shape[1] != want \
                 or net_out.shape[2:] != xb.shape[2:]:
@@ -164,8 +167,8 @@ class _OneNetworkCoupling(InvertibleModule):
         # The network output used to invert the step is the one differentiated through: the network runs once.
         b = _split_point(self.split, y.shape[1])
         xb = y[:, :b].detach().requires_grad_(True)
-        with torch.enable_grad():
-            net_out = self._network_output(xb, context, y.shape[1] - b)
+        with torch.enable_grad():   # one backward through net_out, right below: the network may free as it goes
+            net_out = self._network_output(xb, context, y.shape[1] - b, release=True)
         with flow_autocast_off(y), torch.no_grad():   # closed-form math: nothing to record
             x, grad_x, grad_net_out = ops.couple_reversible_backward(
                 y, net_out.detach(), grad_y, grad_logdet, b, self.kind, resolve_backend(self.kernels, y),
@@ -240,11 +243,11 @@ class Coupling(_OneNetworkCoupling):
         self.context_channels = context_channels
         self.compile = compile
 
-    def _network(self, xb, context):
+    def _network(self, xb, context, release: bool = False):
         if (context is None) != (self.context_channels == 0):
             raise ValueError(f"Coupling with context_channels={self.context_channels} was called "
                              f"{'without' if context is None else 'with'} a context")
-        return super()._network(xb, context)
+        return super()._network(xb, context, release)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the network was named `net` hold it under `nn.`.

@@ -1,0 +1,182 @@
+"""Glow's coupling network (paper, section 3.3) as one op, with a backward that keeps the fewest wide tensors alive.
+
+    r1 = relu(s1 * conv3x3(x, w1) + t1)     (ActNorm after a bias-free conv; without ActNorm: relu(conv(x, w1) + b1))
+    r2 = relu(s2 * conv1x1(r1, w2) + t2)
+    out = s3 * (conv3x3(r2, w3) + b3)        (s3 = exp(f * logs): the zero layer's output scale, or 1)
+
+`coupling_network_reference` is that composition in plain PyTorch (what torch.compile compiles). The
+`coupling_network` entry point computes the same map through `_CouplingNetworkFunction`, whose memory is the point:
+at 256x256 the hidden tensors (512 channels at 128x128, 32 MiB each in float32) are the peak of a reversible
+training step, and plain autograd keeps about six of them (each convolution's input, the padded copies that edge
+padding concatenates, each ActNorm's input, each ReLU's output) plus the transients of their backwards.
+
+Three exact rewrites:
+1. Per-output-channel scales and shifts fold into the convolutions, w' = s * w, b' = s * b + t: ActNorm costs no
+   pass over the wide tensors, and its gradients come from the folded weights' (dL/ds = sum_{i,k} dL/dw' * w,
+   dL/dt = dL/db'). The folding is a few small tensor ops left to autograd, so the Function sees three
+   convolutions with biases and two ReLUs.
+2. Each ReLU runs in place on its convolution's output and is differentiated from its output alone: the
+   gradient passes where r > 0. What is kept for backward is x and the two ReLU outputs r1, r2 (which the next
+   convolutions need for their weight gradients anyway), no ActNorm input, no padded copy (revglow.ops.conv_same
+   adds the last layer's border term to its narrow output instead of concatenating a border channel to r2).
+3. Backward, layer by layer from the top, each wide tensor is dropped as soon as it has been read for the last
+   time: a ReLU output is read for its weight gradient, then reduced to a boolean mask (a quarter of its size
+   in float32) and freed before the gradient it masks is allocated; the mask is applied in place.
+       g3 = dL/dout                 dw3' = corr(g3, r2)      m2 = r2 > 0, free r2
+       g2 = m2 * convT(g3, w3')     dw2' = corr(g2, r1)      m1 = r1 > 0, free r1
+       g1 = m1 * convT(g2, w2'),   free g2                   dw1', dL/dx from g1 and x
+   Alive at once: at most two wide tensors and a mask (r1, g2, m1), against about five under autograd.
+
+Early freeing needs the intermediates held by the Function itself rather than by `save_for_backward` (which
+keeps them to the end of the backward, and runs them through saved-tensor hooks such as
+torch.utils.checkpoint's). So it is asked for with `release=True` by a caller that runs one backward through the
+output right away (the reversible engine's recomputation); otherwise the Function saves r1 and r2 normally.
+Either way a second backward (retain_graph) recomputes what the first one freed, and a double backward
+(create_graph) differentiates the reference instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from revglow.ops.conv_same import conv2d_same, conv2d_same_backward
+
+__all__ = ["coupling_network", "coupling_network_reference", "fold_scale_shift"]
+
+Tensor = torch.Tensor
+
+
+def _scale_shift(h, scale, shift):
+    return h if scale is None else h * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def coupling_network_reference(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out,
+                               s_out, edge_padding):
+    """CouplingNetwork's computation as a pure function of its weights (what torch.compile compiles once for
+    every step of a level). b_*: convolution biases (None with ActNorm); s_*, t_*: ActNorm scale and bias (None
+    without); s_out: the last layer's output scale exp(f * logs) (None without a log-scale factor)."""
+    h = F.relu(_scale_shift(conv2d_same(x, w_in, b_in, edge_padding), s_in, t_in))
+    h = F.relu(_scale_shift(F.conv2d(h, w_hidden, b_hidden), s_hidden, t_hidden))
+    out = conv2d_same(h, w_out, b_out, edge_padding)
+    return out if s_out is None else out * s_out.view(1, -1, 1, 1)
+
+
+def fold_scale_shift(weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor]):
+    """(w', b') with conv(x, w', b') = scale * conv(x, weight, bias) + shift per output channel; scale and shift
+    may be None (1 and 0), bias too (0); b' is None when both bias and shift are."""
+    if scale is None:
+        folded_bias = bias if shift is None else (shift if bias is None else bias + shift)
+        return weight, folded_bias
+    folded_weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    folded_bias = None if bias is None else bias * scale
+    if shift is not None:
+        folded_bias = shift if folded_bias is None else folded_bias + shift
+    return folded_weight, folded_bias
+
+
+def _hidden(x, w1, b1, w2, b2, edge_padding):
+    """r1, r2: each ReLU in place on its convolution's fresh output."""
+    r1 = conv2d_same(x, w1, b1, edge_padding).relu_()
+    r2 = F.conv2d(r1, w2, b2).relu_()
+    return r1, r2
+
+
+def _forward(x, w1, b1, w2, b2, w3, b3, edge_padding):
+    r1, r2 = _hidden(x, w1, b1, w2, b2, edge_padding)
+    del r1
+    return conv2d_same(r2, w3, b3, edge_padding)
+
+
+def _folded_reference(x, w1, b1, w2, b2, w3, b3, edge_padding):
+    """The Function's map in differentiable PyTorch (its double backward differentiates this)."""
+    h = F.relu(conv2d_same(x, w1, b1, edge_padding))
+    h = F.relu(F.conv2d(h, w2, b2))
+    return conv2d_same(h, w3, b3, edge_padding)
+
+
+class _CouplingNetworkFunction(torch.autograd.Function):
+    """Inputs (x, w1, b1, w2, b2, w3, b3, edge_padding, release), the weights folded (see the module docstring);
+    output the network's output."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, edge_padding, release):
+        r1, r2 = _hidden(x, w1, b1, w2, b2, edge_padding)
+        out = conv2d_same(r2, w3, b3, edge_padding)
+        ctx.edge_padding = edge_padding
+        ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
+        ctx.hidden = None
+        ctx.saves_hidden = not release
+        if release:
+            ctx.hidden = [r1, r2]   # held here so that backward can drop each as soon as it is used
+            ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3)
+        else:
+            ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, r1, r2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors   # once: torch.utils.checkpoint allows one unpack
+        x, w1, b1, w2, b2, w3, b3 = saved[:7]
+        edge_padding = ctx.edge_padding
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():   # create_graph: differentiate the plain composition, which autograd can
+            inputs = [t for t, need in zip((x, w1, b1, w2, b2, w3, b3), needs) if need]
+            with torch.enable_grad():
+                out = _folded_reference(x, w1, b1, w2, b2, w3, b3, edge_padding)
+            grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
+            return tuple(next(grads) if need else None for need in needs[:7]) + (None, None)
+
+        if ctx.saves_hidden:
+            r1, r2 = saved[7:]
+        elif ctx.hidden is not None:
+            (r1, r2), ctx.hidden = ctx.hidden, None
+        else:   # a second backward through the same graph (retain_graph): the first one freed them
+            with torch.no_grad():
+                r1, r2 = _hidden(x, w1, b1, w2, b2, edge_padding)
+        grad_out = grad_out.contiguous()
+
+        # last layer: weight gradient from r2, then r2 is reduced to its mask and dropped
+        _, grad_w3 = conv2d_same_backward(grad_out, r2, w3, edge_padding, input_grad=False, weight_grad=needs[5])
+        grad_b3 = grad_out.sum((0, 2, 3)) if needs[6] else None
+        dead = r2 <= 0
+        shape2 = r2.shape
+        del r2
+        grad, _ = conv2d_same_backward(grad_out, shape2, w3, edge_padding, input_grad=True, weight_grad=False)
+        grad.masked_fill_(dead, 0)          # dL/d(folded conv_hidden output)
+        del dead
+        # hidden 1x1 layer: weight gradient from r1, then r1 is reduced to its mask and dropped
+        grad_w2 = conv2d_same_backward(grad, r1, w2, False, input_grad=False, weight_grad=True)[1] if needs[3] \
+            else None
+        grad_b2 = grad.sum((0, 2, 3)) if needs[4] else None
+        dead = r1 <= 0
+        shape1 = r1.shape
+        del r1
+        grad_r1, _ = conv2d_same_backward(grad, shape1, w2, False, input_grad=True, weight_grad=False)
+        del grad
+        grad_r1.masked_fill_(dead, 0)       # dL/d(folded conv_in output)
+        del dead
+        # first layer
+        grad_b1 = grad_r1.sum((0, 2, 3)) if needs[2] else None
+        grad_x, grad_w1 = conv2d_same_backward(grad_r1, x, w1, edge_padding, input_grad=needs[0],
+                                               weight_grad=needs[1])
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, None, None
+
+
+def coupling_network(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out,
+                     edge_padding, release: bool = False):
+    """`coupling_network_reference`'s map, through the memory-lean Function (see the module docstring); same
+    arguments. `release=True`: the caller runs exactly one backward through the output, right away (the wide
+    intermediates are then freed as that backward uses them, and bypass saved-tensor hooks). Under autocast it
+    runs the reference, whose per-op casting autocast defines."""
+    if torch.is_autocast_enabled(x.device.type):
+        return coupling_network_reference(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out,
+                                          b_out, s_out, edge_padding)
+    w1, b1 = fold_scale_shift(w_in, b_in, s_in, t_in)
+    w2, b2 = fold_scale_shift(w_hidden, b_hidden, s_hidden, t_hidden)
+    w3, b3 = fold_scale_shift(w_out, b_out, s_out, None)
+    tensors = (x, w1, b1, w2, b2, w3, b3)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return _forward(x, w1, b1, w2, b2, w3, b3, edge_padding)
+    return _CouplingNetworkFunction.apply(x, w1, b1, w2, b2, w3, b3, bool(edge_padding), bool(release))
