@@ -11,8 +11,10 @@ demo:
 	"$$py" -m revglow train --out runs/demo --overwrite --lr 3e-3 --max-steps 1200; \
 	"$$py" -m revglow sample --checkpoint runs/demo/checkpoint.pt --n 64 --temperature 0.7 --out runs/demo/samples.png
 
+# One pytest worker per core (pytest-xdist): each test runs single-threaded (tests/conftest.py), so one process
+# would leave the other cores idle.
 test:
-	@py="$(PY)"; "$$py" -m pytest -q
+	@py="$(PY)"; "$$py" -m pytest -q -n auto
 
 # The CPU benchmarks: memory against depth (resident set), step time of the memory modes, and the sweeps with
 # their plots (benchmarks/sweeps.py all: memory against K, resolution and batch, step time per mode, sampling

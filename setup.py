@@ -17,7 +17,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "data": ["scikit-learn", "Pillow", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "Pillow", "tqdm", "triton>=3.0"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "scikit-learn", "Pillow", "tqdm", "triton>=3.0"],
         # peers and plots for benchmarks/engines.py (install memcnn and revlib with --no-deps to keep your torch)
         "bench": ["memcnn", "revlib", "matplotlib"],
     },

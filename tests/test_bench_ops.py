@@ -36,7 +36,9 @@ def _bench_module():
 
 
 def _run_benchmarks(*args, timeout=120):
-    env = dict(os.environ)
+    # The child is a pytest session of its own: without this suite's xdist worker variables, which would make
+    # pytest-benchmark believe it runs in parallel and disable itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env.pop("REVGLOW_KERNELS", None)
     # One thread, as the rest of the suite (tests/conftest.py): OpenMP's spin-waiting makes small ops orders of
     # magnitude slower when another process competes for the cores.

@@ -116,9 +116,16 @@ def test_memory_modes_match_autograd_in_float32_after_training(memory, network, 
 
 
 def test_every_parameter_gets_a_gradient():
+    """Of the training loss bits_x + weight_y * bits_y; bits/dim alone reaches everything but the class head."""
     model = _model("reversible", num_classes=2)
     x = torch.rand(4, 1, 4, 4, dtype=torch.float64)
-    model(x, torch.tensor([0, 1, 1, 0])).mean().backward()
+    y = torch.tensor([0, 1, 1, 0])
+    model(x, y).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing and all(n.startswith("class_head.") for n in missing)
+    model.zero_grad(set_to_none=True)
+    out = model.losses(x, y)
+    (out.bits_x.mean() + 0.01 * out.bits_y.mean()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert missing == []
 
