@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     for mode in args.modes:
         t0 = time.perf_counter()
         (model,) = build_models(cfg, [mode], batch=2, device=args.device).values()
-        r = activation(model, mode, args.batch_sizes, device=args.device)
+        r = activation(model, mode, args.batch_sizes, device=args.device, labels=True)
         del model
         r["max_batch"] = plan(r, args.budgets)
         row = {**env, "benchmark": "headline_256", "kind": "activation", **problem, "margin": MARGIN,

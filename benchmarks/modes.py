@@ -7,8 +7,9 @@
   last is stored, a segment's activations are rebuilt by running it again in backward, and the last segment
   is plain autograd (checkpoint_sequential's own rule). The classic O(sqrt(K)) memory trade-off.
 
-Memory is counted by revglow.profile's LiveStorageTracker (the tensor storage a training step allocates above
-parameters, gradients and Adam state: exact and the same on every device), through the public `profile()`.
+Memory is counted by revglow.profile's LiveStorageTracker: the tensor storage one training step allocates above
+parameters, gradients and Adam state, exact and the same on every device (`activation`, the measurement of
+`revglow profile` without its timing and device peak, on a model built here).
 
     >>> from revglow import GlowConfig
     >>> cfg = GlowConfig(image_shape=(3, 8, 8), levels=2, depth=4, hidden=8)
@@ -20,19 +21,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from revglow import Glow, GlowConfig, ReversibleSequence
-from revglow.profile import profile
+from revglow.profile import LiveStorageTracker
 
 __all__ = ["MODES", "SegmentCheckpointed", "build_glow", "build_models", "example_images", "activation",
            "segments_for"]
 
 MODES = ("reversible", "checkpoint", "segment", "autograd")
+MiB = float(2 ** 20)
 
 
 def segments_for(depth: int) -> int:
@@ -114,15 +116,45 @@ def build_models(config: GlowConfig, modes: Sequence[str], batch: int, device: s
     return models
 
 
-def bits_per_dim_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).mean()
+def _line(points: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
+    """Least-squares (intercept, slope) of memory against batch; through the origin for a single point."""
+    if len(points) == 1:
+        return 0.0, points[0][1] / points[0][0]
+    mean_b = sum(b for b, _ in points) / len(points)
+    mean_m = sum(m for _, m in points) / len(points)
+    slope = (sum((b - mean_b) * (m - mean_m) for b, m in points) / sum((b - mean_b) ** 2 for b, _ in points))
+    return mean_m - slope * mean_b, slope
 
 
-def activation(model: Glow, mode: str, batch_sizes: Sequence[int], device: str = "cpu", top: int = 3) -> Dict:
-    """revglow.profile's row for `model` in `mode`: activation_mib (tracker peak at the largest batch),
-    activation_mib_per_sample (slope between batch sizes), params/grads/optimizer MiB, live_at_peak."""
-    example = example_images(model.config, max(batch_sizes)).to(device)
-    (row,) = profile(model, example, batch_sizes=tuple(batch_sizes), modes=(engine_mode(mode),), device=device,
-                     rounds=0, device_peak=False, top=top, loss=bits_per_dim_loss)
-    row["mode"] = mode
-    return row
+def activation(model: Glow, mode: str, batch_sizes: Sequence[int], device: str = "cpu", top: int = 3,
+               labels: bool = False) -> Dict:
+    """Activation memory of one training step (forward, backward of the mean bits/dim, Adam) of `model` in
+    `mode`, counted by LiveStorageTracker after a warm-up step at the same batch, as revglow.profile does
+    (parameters, gradients and Adam state exist before the counted step and are not in the count).
+
+    Returns activation_mib (at the largest batch), points [{batch, activation_mib}], activation_mib_per_sample
+    and activation_mib_fixed (the line through the points), params_mib, grads_mib, optimizer_mib and the
+    largest tensors alive at the peak (`labels`: with the module that made them, which costs time per op)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(x):
+        optimizer.zero_grad(set_to_none=False)
+        model(x).mean().backward()
+        optimizer.step()
+
+    points, at_peak = [], []
+    for batch in sorted(batch_sizes):
+        x = example_images(model.config, batch).to(device)
+        step(x)                                   # warm-up: gradients, Adam state, lazy caches
+        with LiveStorageTracker(model if labels else None, top=top) as tracker:
+            step(x)
+        points.append({"batch": batch, "activation_mib": tracker.peak / MiB})
+        at_peak = [{"mib": n / MiB, "tensor": label} for n, label in tracker.at_peak]
+    intercept, slope = _line([(p["batch"], p["activation_mib"]) for p in points])
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts) / MiB  # noqa: E731
+    params = list(model.parameters())
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return {"mode": mode, "activation_mib": points[-1]["activation_mib"], "points": points,
+            "activation_mib_per_sample": slope, "activation_mib_fixed": intercept if len(points) > 1 else None,
+            "params_mib": size(params), "grads_mib": size([p.grad for p in params if p.grad is not None]),
+            "optimizer_mib": size(state), "live_at_peak": at_peak}

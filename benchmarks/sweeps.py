@@ -40,7 +40,7 @@ SWEEPS = {
     "depth": dict(x="depth", values=[2, 4, 8, 16, 32, 64], image_size=32, levels=3, depth=None, hidden=128, batch=4),
     "resolution": dict(x="image_size", values=[32, 64, 128, 256], image_size=None, levels=3, depth=8, hidden=128,
                        batch=1),
-    "batch": dict(x="batch", values=[1, 2, 4, 8, 16], image_size=32, levels=3, depth=16, hidden=64, batch=None),
+    "batch": dict(x="batch", values=[1, 4, 16], image_size=32, levels=3, depth=16, hidden=64, batch=None),
     "time": dict(x="depth", values=[4, 16, 32], image_size=32, levels=3, depth=None, hidden=128, batch=8),
     "sample": dict(x="image_size", values=[64, 128, 256], image_size=None, levels=6, depth=32, hidden=512, batch=1),
 }
