@@ -11,7 +11,7 @@ from revglow.data import load_dataset
 from revglow.train import (ExponentialMovingAverage, NonFiniteStepWarning, TrainConfig, Trainer, TrainingDiverged,
                            load_resume_state)
 
-TINY = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16)
+from train_helpers import TINY, quick_config, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -19,38 +19,26 @@ def digits():
     return load_dataset("digits")
 
 
-def _config(out, **options):
-    base = dict(batch_size=16, warmup=2, lr=1e-3, ema=0.9, eval_every=0, sample_every=0, checkpoint_every=0,
-                n_samples=4, progress=False, out=str(out))
-    base.update(options)
-    return TrainConfig(**base)
-
-
-def _losses(folder):
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["bpd"], r["lr"], r["grad_norm"]) for r in rows if "images_per_s" in r]
-
-
 def test_resume_is_bitwise_exact(tmp_path, digits):
     # eval_every=2 puts an evaluation (with its own noise) in both runs: it must not shift the training RNG.
-    straight = Trainer(TINY, _config(tmp_path / "a", max_steps=6, eval_every=2), data=digits)
+    straight = Trainer(TINY, quick_config(tmp_path / "a", max_steps=6, eval_every=2), data=digits)
     straight.run()
-    first = Trainer(TINY, _config(tmp_path / "b", max_steps=3, eval_every=2), data=digits)
+    first = Trainer(TINY, quick_config(tmp_path / "b", max_steps=3, eval_every=2), data=digits)
     first.run()
     state = load_resume_state(tmp_path / "b" / "checkpoint.pt")
-    second = Trainer(TINY, _config(tmp_path / "b", max_steps=6, eval_every=2), data=digits, resume_state=state)
+    second = Trainer(TINY, quick_config(tmp_path / "b", max_steps=6, eval_every=2), data=digits, resume_state=state)
     assert second.step == 3
     second.run()
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), name
     for name, a in straight.ema.shadow.items():
         assert torch.equal(a, second.ema.shadow[name]), name
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
-    assert len(_losses(tmp_path / "a")) == 6
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    assert len(step_losses(tmp_path / "a")) == 6
 
 
 def test_checkpoint_contents_and_rotation(tmp_path, digits):
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=4, checkpoint_every=1, keep=2), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=4, checkpoint_every=1, keep=2), data=digits)
     result = trainer.run()
     raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert raw["step"] == 4 and raw["data_position"] == {"epoch": 0, "index": 64}
@@ -63,7 +51,7 @@ def test_checkpoint_contents_and_rotation(tmp_path, digits):
 
 
 def test_nonfinite_loss_is_skipped_then_stops(tmp_path, digits, monkeypatch):
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3), data=digits)
     real_forward = Glow.forward
     calls = {"n": 0}
 
@@ -84,7 +72,7 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path, digits, monkeypatch):
 
 
 def test_nonfinite_gradient_is_skipped(tmp_path, digits):
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=3), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=3), data=digits)
     parameter = next(trainer.model.parameters())
     poisoned = {"left": 1}
 
@@ -121,7 +109,7 @@ def test_ema_swaps_weights_in_and_out():
 def test_bf16_autocast_trains(tmp_path, digits):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = Trainer(TINY, _config(tmp_path, max_steps=2, amp="bf16"), data=digits).run()
+        result = Trainer(TINY, quick_config(tmp_path, max_steps=2, amp="bf16"), data=digits).run()
     assert result.step == 2 and result.test_bpd == result.test_bpd
 
 
@@ -141,15 +129,15 @@ def test_train_config_validation():
 def test_worker_processes_give_the_same_run(tmp_path, digits):
     losses = []
     for workers in (0, 1):
-        Trainer(TINY, _config(tmp_path / str(workers), max_steps=3, workers=workers), data=digits).run()
-        losses.append(_losses(tmp_path / str(workers)))
+        Trainer(TINY, quick_config(tmp_path / str(workers), max_steps=3, workers=workers), data=digits).run()
+        losses.append(step_losses(tmp_path / str(workers)))
     assert losses[0] == losses[1]
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, digits, monkeypatch):
     import revglow.checkpoint as checkpoint_module
 
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=4, checkpoint_every=2), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=4, checkpoint_every=2), data=digits)
     real_replace = checkpoint_module.os.replace
     calls = {"n": 0}
 
@@ -179,13 +167,13 @@ def _tensor_data(n=40, shape=(1, 4, 4), seed=0):
 def test_fresh_run_refuses_a_folder_that_holds_files(tmp_path, digits):
     from revglow.train import RunExistsError
 
-    Trainer(TINY, _config(tmp_path, max_steps=2, keep=2), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=2, keep=2), data=digits).run()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(RunExistsError, match=r"not empty .*--resume.*--overwrite"):
-        Trainer(TINY, _config(tmp_path, max_steps=2), data=digits)
+        Trainer(TINY, quick_config(tmp_path, max_steps=2), data=digits)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     (tmp_path / "notes.txt").write_text("mine")
-    Trainer(TINY, _config(tmp_path, max_steps=1, keep=2, overwrite=True), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=1, keep=2, overwrite=True), data=digits).run()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-00000001.pt"]
     assert (tmp_path / "notes.txt").read_text() == "mine"          # --overwrite removes only what a run writes
@@ -213,7 +201,7 @@ def test_signal_mid_run_saves_the_step_and_raises(tmp_path, digits, monkeypatch)
     import signal as signals
     from revglow.train import TrainingInterrupted
 
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=50, checkpoint_every=0), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=50, checkpoint_every=0), data=digits)
     real_step = Trainer._train_step
 
     def step(self, x, y):
@@ -233,21 +221,21 @@ def test_signal_mid_run_saves_the_step_and_raises(tmp_path, digits, monkeypatch)
 
 
 def test_stale_temp_files_are_removed_on_resume(tmp_path, digits):
-    Trainer(TINY, _config(tmp_path, max_steps=2, keep=2), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=2, keep=2), data=digits).run()
     stale = [tmp_path / ".checkpoint.pt.k2j3h4.tmp", tmp_path / ".checkpoint-00000002.pt.4242.tmp"]
     for path in stale:
         path.write_bytes(b"half a checkpoint")
     (tmp_path / ".keep.tmp").write_bytes(b"not ours")
     state = load_resume_state(tmp_path / "checkpoint.pt")
-    Trainer(TINY, _config(tmp_path, max_steps=3), data=digits, resume_state=state).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=3), data=digits, resume_state=state).run()
     assert not any(p.exists() for p in stale) and (tmp_path / ".keep.tmp").exists()
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, digits):
-    Trainer(TINY, _config(tmp_path, max_steps=4, checkpoint_every=1, keep=4), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=4, checkpoint_every=1, keep=4), data=digits).run()
     older = tmp_path / "checkpoint-00000002.pt"
     with pytest.warns(RuntimeWarning, match="moved 3 newer checkpoint"):
-        trainer = Trainer(TINY, _config(tmp_path, max_steps=3, checkpoint_every=1, keep=4, resume=str(older)),
+        trainer = Trainer(TINY, quick_config(tmp_path, max_steps=3, checkpoint_every=1, keep=4, resume=str(older)),
                           data=digits, resume_state=load_resume_state(older))
         trainer.run()
     names = sorted(p.name for p in tmp_path.glob("checkpoint*.pt"))
@@ -260,7 +248,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, dig
 
 
 def test_numerical_errors_in_a_step_are_skipped_steps(tmp_path, digits, monkeypatch):
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3), data=digits)
     parameter = next(trainer.model.parameters())
 
     def hook(grad):   # raised inside the backward, where the reversible engine inverts the 1x1 convolutions
@@ -283,7 +271,7 @@ def test_numerical_errors_in_a_step_are_skipped_steps(tmp_path, digits, monkeypa
 def test_reconstruction_error_is_a_skipped_step_with_its_own_advice(tmp_path, digits, monkeypatch):
     from revglow import ReconstructionError
 
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=20, max_bad_steps=2), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=20, max_bad_steps=2), data=digits)
     real_forward = Glow.forward
 
     def forward(self, x, y=None, **options):
@@ -300,7 +288,7 @@ def test_programming_errors_in_a_step_are_not_swallowed(tmp_path, digits, monkey
     def forward(self, x, y=None, **options):
         raise TypeError("a bug")
 
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=3), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=3), data=digits)
     monkeypatch.setattr(Glow, "forward", forward)
     with pytest.raises(TypeError, match="a bug"):
         trainer.run()
@@ -309,7 +297,7 @@ def test_programming_errors_in_a_step_are_not_swallowed(tmp_path, digits, monkey
 def test_degenerate_actnorm_init_is_refused_with_advice(tmp_path):
     data = _tensor_data()
     glow = GlowConfig(image_shape=(1, 4, 4), levels=2, depth=1, hidden=8)    # top level 1x1
-    trainer = Trainer(glow, _config(tmp_path, batch_size=1, max_steps=2), data=data)
+    trainer = Trainer(glow, quick_config(tmp_path, batch_size=1, max_steps=2), data=data)
     with pytest.raises(ValueError, match=r"one value per channel.*--init-batch-size"):
         trainer.run()
     assert not trainer.model.is_initialized
@@ -326,7 +314,7 @@ def test_init_batch_can_be_larger_than_the_training_batch(tmp_path, monkeypatch)
         return real_initialize(self, x, y)
 
     monkeypatch.setattr(Glow, "initialize", initialize)
-    trainer = Trainer(glow, _config(tmp_path, batch_size=1, init_batch_size=24, max_steps=2), data=data)
+    trainer = Trainer(glow, quick_config(tmp_path, batch_size=1, init_batch_size=24, max_steps=2), data=data)
     trainer.run()
     assert [x.shape[0] for x in seen] == [24]
     log_scales = torch.cat([m.log_scale.detach().flatten() for m in trainer.model.modules()
@@ -335,9 +323,9 @@ def test_init_batch_can_be_larger_than_the_training_batch(tmp_path, monkeypatch)
 
 
 def test_resume_applies_new_training_options(tmp_path, digits):
-    Trainer(TINY, _config(tmp_path, max_steps=2, lr=1e-3, ema=0.9, warmup=0), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=2, lr=1e-3, ema=0.9, warmup=0), data=digits).run()
     state = load_resume_state(tmp_path / "checkpoint.pt")
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=4, lr=5e-4, ema=0.5, warmup=0), data=digits,
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=4, lr=5e-4, ema=0.5, warmup=0), data=digits,
                       resume_state=state)
     assert trainer.optimizer.param_groups[0]["lr"] == 5e-4 and trainer.ema.decay == 0.5
     trainer.run()
@@ -371,9 +359,9 @@ def test_tensorboard_is_opt_in_and_gets_sample_grids(tmp_path, digits, monkeypat
             pass
 
     monkeypatch.setattr(metrics_module, "_summary_writer_class", lambda: FakeWriter)
-    Trainer(TINY, _config(tmp_path / "off", max_steps=1), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path / "off", max_steps=1), data=digits).run()
     assert writers == []
-    Trainer(TINY, _config(tmp_path / "on", max_steps=1, tensorboard=True), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path / "on", max_steps=1, tensorboard=True), data=digits).run()
     (writer,) = writers
     assert ("bpd", 1) in writer.scalars
     assert sorted(tag for tag, _, _ in writer.images) == ["samples/t0.5", "samples/t0.7", "samples/t1.0"]
@@ -386,7 +374,7 @@ def test_seed_beyond_the_rng_range_is_one_clear_error():
 
 
 def test_metrics_log_the_reconstruction_error_of_each_level(tmp_path, digits):
-    Trainer(TINY, _config(tmp_path, max_steps=2), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=2), data=digits).run()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "images_per_s" in r]
     assert len(steps) == 2
@@ -394,7 +382,7 @@ def test_metrics_log_the_reconstruction_error_of_each_level(tmp_path, digits):
         errors = row["reconstruction_error"]
         assert len(errors) == TINY.levels and all(0 <= e < 1e-4 for e in errors)   # float32: exact to rounding
     off = GlowConfig(**{**TINY.to_dict(), "image_shape": TINY.image_shape, "check_reconstruction": "off"})
-    Trainer(off, _config(tmp_path / "off", max_steps=1), data=digits).run()
+    Trainer(off, quick_config(tmp_path / "off", max_steps=1), data=digits).run()
     rows = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
     assert all("reconstruction_error" not in r for r in rows)
 
@@ -407,12 +395,12 @@ def test_real_reconstruction_check_of_glow_raises_or_warns_in_the_trainer(tmp_pa
 
     strict = dict(TINY.to_dict(), image_shape=TINY.image_shape, reconstruction_tol=1e-30)
     trainer = Trainer(GlowConfig(**dict(strict, check_reconstruction="raise")),
-                      _config(tmp_path / "raise", max_steps=5, max_bad_steps=2), data=digits)
+                      quick_config(tmp_path / "raise", max_steps=5, max_bad_steps=2), data=digits)
     with pytest.warns(NonFiniteStepWarning, match="ReconstructionError"):
         with pytest.raises(TrainingDiverged, match=r"non-invertible.*--memory checkpoint"):
             trainer.run()
     assert trainer.step == 0
     with pytest.warns(ReconstructionWarning):
         result = Trainer(GlowConfig(**dict(strict, check_reconstruction="warn")),
-                         _config(tmp_path / "warn", max_steps=2), data=digits).run()
+                         quick_config(tmp_path / "warn", max_steps=2), data=digits).run()
     assert result.step == 2

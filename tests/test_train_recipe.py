@@ -1,11 +1,8 @@
 """The training recipe in the trainer: the reference's Adamax, warm-up in epochs, random shifts, and the raw and
 EMA weights both evaluated; all of it resumable bit for bit."""
-import json
-
 import pytest
 import torch
 
-from revglow import GlowConfig
 from revglow.checkpoint import load_checkpoint
 from revglow.data import load_dataset
 from revglow.errors import ConfigError
@@ -13,7 +10,7 @@ from revglow.optim import ReferenceAdamax
 from revglow.train import (NonFiniteStepWarning, TrainConfig, Trainer, TrainingDiverged, load_resume_state,
                            train_config_for_resume)
 
-TINY = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16)
+from train_helpers import TINY, metric_rows, quick_config, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -21,38 +18,23 @@ def digits():
     return load_dataset("digits")
 
 
-def _config(out, **options):
-    base = dict(batch_size=16, warmup=2, lr=1e-3, ema=0.9, eval_every=0, sample_every=0, checkpoint_every=0,
-                n_samples=4, progress=False, out=str(out))
-    base.update(options)
-    return TrainConfig(**base)
-
-
-def _rows(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(folder):
-    return [(r["step"], r["bpd"], r["lr"], r["grad_norm"]) for r in _rows(folder) if "images_per_s" in r]
-
-
 def test_adamax_with_shifts_and_epoch_warmup_resumes_bit_for_bit(tmp_path, digits):
     recipe = dict(optimizer="adamax", augment="shift", warmup=None, warmup_epochs=0.1, eval_every=2)
-    straight = Trainer(TINY, _config(tmp_path / "a", max_steps=6, **recipe), data=digits)
+    straight = Trainer(TINY, quick_config(tmp_path / "a", max_steps=6, **recipe), data=digits)
     assert isinstance(straight.optimizer, ReferenceAdamax)
     straight.run()
-    Trainer(TINY, _config(tmp_path / "b", max_steps=3, **recipe), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path / "b", max_steps=3, **recipe), data=digits).run()
     state = load_resume_state(tmp_path / "b" / "checkpoint.pt")
     assert "augment" in state["rng"]["generators"]
-    second = Trainer(TINY, _config(tmp_path / "b", max_steps=6, **recipe), data=digits, resume_state=state)
+    second = Trainer(TINY, quick_config(tmp_path / "b", max_steps=6, **recipe), data=digits, resume_state=state)
     second.run()
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), name
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
 
 
 def test_warmup_epochs_become_steps_of_this_run(tmp_path, digits):
-    trainer = Trainer(TINY, _config(tmp_path, max_steps=3, warmup=None, warmup_epochs=0.5), data=digits)
+    trainer = Trainer(TINY, quick_config(tmp_path, max_steps=3, warmup=None, warmup_epochs=0.5), data=digits)
     assert trainer.sampler.batches_per_epoch == len(digits.train) // 16 == 89
     assert trainer.warmup == 44                    # round(0.5 * 89)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 44)
@@ -76,12 +58,12 @@ def test_resume_switches_between_warmup_and_warmup_epochs():
 
 
 def test_resume_refuses_another_optimizer(tmp_path, digits):
-    Trainer(TINY, _config(tmp_path, max_steps=1), data=digits).run()
+    Trainer(TINY, quick_config(tmp_path, max_steps=1), data=digits).run()
     state = load_resume_state(tmp_path / "checkpoint.pt")
     with pytest.raises(ConfigError, match="--optimizer adam"):
-        Trainer(TINY, _config(tmp_path, max_steps=2, optimizer="adamax"), data=digits, resume_state=state)
+        Trainer(TINY, quick_config(tmp_path, max_steps=2, optimizer="adamax"), data=digits, resume_state=state)
     old = dict(state, train_config={k: v for k, v in state["train_config"].items() if k != "optimizer"})
-    Trainer(TINY, _config(tmp_path, max_steps=2), data=digits, resume_state=old)   # before the option: Adam
+    Trainer(TINY, quick_config(tmp_path, max_steps=2), data=digits, resume_state=old)   # before the option: Adam
 
 
 def test_shift_augmentation_reaches_the_model(tmp_path, digits, monkeypatch):
@@ -93,7 +75,7 @@ def test_shift_augmentation_reaches_the_model(tmp_path, digits, monkeypatch):
 
     monkeypatch.setattr(Trainer, "_train_step", capture)
     for augment in ("none", "shift"):
-        trainer = Trainer(TINY, _config(tmp_path / augment, max_steps=2, augment=augment, max_bad_steps=2),
+        trainer = Trainer(TINY, quick_config(tmp_path / augment, max_steps=2, augment=augment, max_bad_steps=2),
                           data=digits)
         with pytest.warns(NonFiniteStepWarning), pytest.raises(TrainingDiverged):
             trainer.run()          # every captured step reports a failure, so two of them stop the run
@@ -103,8 +85,8 @@ def test_shift_augmentation_reaches_the_model(tmp_path, digits, monkeypatch):
 
 
 def test_raw_and_ema_weights_both_evaluated_and_reported(tmp_path, digits):
-    result = Trainer(TINY, _config(tmp_path / "ema", max_steps=3, eval_every=2), data=digits).run()
-    rows = [r for r in _rows(tmp_path / "ema") if "test_bpd" in r]
+    result = Trainer(TINY, quick_config(tmp_path / "ema", max_steps=3, eval_every=2), data=digits).run()
+    rows = [r for r in metric_rows(tmp_path / "ema") if "test_bpd" in r]
     assert [r["step"] for r in rows] == [2, 3]
     assert all(r["ema"] and r["test_bpd_raw"] != r["test_bpd"] for r in rows)
     assert result.used_ema and result.test_bpd == rows[-1]["test_bpd"]
@@ -120,9 +102,9 @@ def test_without_ema_one_evaluation_serves_both(tmp_path, digits, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "evaluate", counting)
-    result = Trainer(TINY, _config(tmp_path, max_steps=2, ema=None), data=digits).run()
+    result = Trainer(TINY, quick_config(tmp_path, max_steps=2, ema=None), data=digits).run()
     assert len(calls) == 1
-    row = [r for r in _rows(tmp_path) if "test_bpd" in r][-1]
+    row = [r for r in metric_rows(tmp_path) if "test_bpd" in r][-1]
     assert not row["ema"] and row["test_bpd_raw"] == row["test_bpd"] and result.test_bpd_raw == result.test_bpd
     assert load_checkpoint(tmp_path / "checkpoint.pt")["train_config"]["optimizer"] == "adam"
 
