@@ -220,8 +220,9 @@ class Trainer:
         self.glow_config = glow_config
         self.model = Glow(glow_config).to(self.device)   # the same weights on every rank (same seed)
         if self.dist.enabled:
-            # Each rank draws its own dequantization noise; seeds of the form seed * 2**16 + rank + 1 stay clear of
-            # the single-process stream (seed itself) and of each other.
+            # The trainer's own draws (noise, shifts) come from its generators, seeded alike below; the global
+            # RNGs are still seeded per rank for anything else that draws from them (a user's dropout). Seeds of
+            # the form seed * 2**16 + rank + 1 stay clear of the single-process stream (seed itself) and of each other.
             rank_seed = config.seed * 65536 + self.dist.rank + 1
             torch.manual_seed(rank_seed)
             np.random.seed(rank_seed % 2 ** 32)
