@@ -41,8 +41,9 @@ SWEEPS = {
     "resolution": dict(x="image_size", values=[32, 64, 128, 256], image_size=None, levels=3, depth=8, hidden=128,
                        batch=1),
     "batch": dict(x="batch", values=[1, 4, 16], image_size=32, levels=3, depth=16, hidden=64, batch=None),
-    "time": dict(x="depth", values=[4, 16, 32], image_size=32, levels=3, depth=None, hidden=128, batch=8),
-    "sample": dict(x="image_size", values=[64, 128, 256], image_size=None, levels=6, depth=32, hidden=512, batch=1),
+    "time": dict(x="depth", values=[4, 16, 32], image_size=32, levels=3, depth=None, hidden=128, batch=8, rounds=5),
+    "sample": dict(x="image_size", values=[64, 128, 256], image_size=None, levels=6, depth=32, hidden=512, batch=1,
+                   rounds=2),
 }
 XLABEL = {"depth": "steps per level K", "image_size": "image size (pixels)", "batch": "batch"}
 
@@ -121,7 +122,7 @@ def sweep_sample(args, env: Dict) -> List[Dict]:
         cfg = _config(args, value, coupling=args.coupling, n_bits=args.n_bits)
         model = build_glow(cfg, "reversible").to(args.device)
         t0 = time.perf_counter()
-        model.initialize(example_images(cfg, 4 if value < 128 else 2).to(args.device))
+        model.initialize(example_images(cfg, 4 if value < 128 else 1).to(args.device))   # 256: top level 4x4
         init_s = time.perf_counter() - t0
         g = torch.Generator(device=args.device).manual_seed(0)
         times = []
@@ -256,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--coupling", default="additive", help="sample sweep only (CelebA-HQ: additive)")
     p.add_argument("--n-bits", type=int, default=5, help="sample sweep only (CelebA-HQ: 5)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: time 5, sample 2)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -276,8 +277,8 @@ def _defaults(args, sweep: str):
                       ("batch_size", "batch")):
         if getattr(a, name) is None or args.sweep == "all":
             setattr(a, name, spec[key])
-    if sweep == "sample" and a.batch_size is None:
-        a.batch_size = 1
+    if a.rounds is None or args.sweep == "all":
+        a.rounds = spec.get("rounds", 0)
     out_dir = args.out_dir or RESULTS
     a.results = args.results if args.results and args.sweep != "all" else os.path.join(out_dir, f"sweep_{sweep}.jsonl")
     a.plot = args.plot if args.plot and args.sweep != "all" else os.path.join(out_dir, f"sweep_{sweep}.png")
