@@ -129,7 +129,7 @@ def _line(points: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
 def activation(model: Glow, mode: str, batch_sizes: Sequence[int], device: str = "cpu", top: int = 3,
                labels: bool = False) -> Dict:
     """Activation memory of one training step (forward, backward of the mean bits/dim, Adam) of `model` in
-    `mode`, counted by LiveStorageTracker after a warm-up step at the same batch, as revglow.profile does
+    `mode`, counted by LiveStorageTracker after a warm-up step, as revglow.profile does
     (parameters, gradients and Adam state exist before the counted step and are not in the count).
 
     Returns activation_mib (at the largest batch), points [{batch, activation_mib}], activation_mib_per_sample
@@ -143,9 +143,12 @@ def activation(model: Glow, mode: str, batch_sizes: Sequence[int], device: str =
         optimizer.step()
 
     points, at_peak = [], []
-    for batch in sorted(batch_sizes):
+    for i, batch in enumerate(sorted(batch_sizes)):
         x = example_images(model.config, batch).to(device)
-        step(x)                                   # warm-up: gradients, Adam state, lazy caches
+        if i == 0:
+            # Warm-up, once: gradients, Adam state and the engine's caches (keyed by the sample's shape, not the
+            # batch's) exist from here on, so larger batches count the same (checked against profile()).
+            step(x)
         with LiveStorageTracker(model if labels else None, top=top) as tracker:
             step(x)
         points.append({"batch": batch, "activation_mib": tracker.peak / MiB})
