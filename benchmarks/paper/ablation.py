@@ -89,8 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     rows = runs.load_rows(args.results, args.tag, "ablation")
     summary = runs.summarize(rows, list(VARIANTS))
     if summary:
-        plot(summary, rows, args.plot, f"{rows[0]['model']}, {rows[0]['steps']} steps; mean ± std over seeds "
-                                       f"(dots: seeds); tag {args.tag}")
+        plot(summary, rows, args.plot, f"{rows[0]['model']}, {rows[0]['steps']} steps\nmean ± std over "
+                                       f"seeds (dots: the seeds); tag {args.tag}")
         runs.finish(args, summary, rows)
     return rows
 
