@@ -28,7 +28,7 @@ for _path in (ROOT, ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import RESULTS, append_rows, environment  # noqa: E402
+from common import RESULTS, append_rows, environment, git_revision  # noqa: E402
 from fidelity_digits import PLAIN  # noqa: E402  (the four reference options switched off)
 from revglow.cli import main as revglow_main  # noqa: E402
 
@@ -91,8 +91,15 @@ def _in_results(path: str) -> str:
     return str(Path(RESULTS) / path) if Path(path).parent == Path("") else path
 
 
+# The revision of the code this process imported: read by `start`, before the first run (the checkout may move on
+# while a long sweep runs; the code in memory does not).
+_STARTED_AT_GIT: Optional[str] = None
+
+
 def start(args: argparse.Namespace) -> None:
-    """Resolve the paths and the tag, and set the threads, before any run."""
+    """Resolve the paths and the tag, set the threads and note the git revision, before any run."""
+    global _STARTED_AT_GIT
+    _STARTED_AT_GIT = git_revision()
     torch.set_num_threads(args.threads)
     args.results = _in_results(args.results)
     args.plot = _in_results(args.plot)
@@ -126,12 +133,15 @@ def train(flags: Sequence[str], *, steps: int, seed: int, eval_every: int, out: 
 
 
 def row(experiment: str, tag: str, variant: str, flags: Sequence[str], seed: int, run: TrainRun, **more) -> dict:
-    """The JSON row of one run: what was run (variant, its flags, the full command), what came out, where."""
+    """The JSON row of one run: what was run (variant, its flags, the full command), what came out, where; `git`
+    is the revision when the script started (`start`), the code the run used."""
+    env = environment()
+    env["git"] = _STARTED_AT_GIT or env["git"]
     return {"experiment": experiment, "tag": tag, "variant": variant, "flags": shlex.join(flags), "seed": seed,
             "steps": int(run.curve[-1][0]), "test_bpd": run.test_bpd, "test_bpd_stderr": run.test_bpd_stderr,
             "test_bpd_raw": run.extra["test_bpd_raw"], "baseline_bpd": run.baseline_bpd,
             "curve": [list(point) for point in run.curve], "wall_s": run.wall_s, "cpu_s": run.cpu_s,
-            "command": run.command, **more, **environment()}
+            "command": run.command, **more, **env}
 
 
 def record(path: str, rows: Iterable[dict]) -> None:
