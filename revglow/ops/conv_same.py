@@ -54,7 +54,10 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not edge_padding:
         return F.conv2d(x, weight, bias, padding=pad)
     c = x.shape[1]
-    if _border_added_to_output(c, weight.shape[0]):
+    # Under torch.compile always the sum form: inductor (torch 2.13) fails to lower the padded concatenation once
+    # the shapes turn dynamic ("ValueRangeError: Invalid ranges [0:-1]"); the sum form lowers, at the cost of one
+    # [1, O, H, W] border map per layer where the output is the wider side.
+    if torch.compiler.is_compiling() or _border_added_to_output(c, weight.shape[0]):
         border = border_indicator(x.shape[2], x.shape[3], pad, x)
         return F.conv2d(x, weight[:, :c], bias, padding=pad) + F.conv2d(border, weight[:, c:])
     return F.conv2d(add_edge_padding(x, pad), weight, bias)
