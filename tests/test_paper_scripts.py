@@ -3,7 +3,6 @@ writes its rows (with the command and the machine) and its PNGs, and --plot-only
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch

@@ -33,7 +33,7 @@ from fidelity_digits import PLAIN  # noqa: E402  (the four reference options swi
 from revglow.cli import main as revglow_main  # noqa: E402
 
 __all__ = ["PLAIN", "RESULTS", "TrainRun", "add_budget_flags", "train", "row", "record", "load_rows", "summarize",
-           "print_table", "start", "finish", "sample_rows", "plot_sample_rows"]
+           "print_table", "start", "finish", "sample_rows", "plot_sample_rows", "results_path"]
 
 # No periodic samples or checkpoints (the final ones are written anyway), no progress bar.
 QUIET = ["--sample-every", "0", "--checkpoint-every", "0", "--no-progress"]
@@ -87,7 +87,8 @@ def add_budget_flags(parser: argparse.ArgumentParser, *, results: str, plot: str
                         help="train nothing: table and plot from the rows of --results with this --tag")
 
 
-def _in_results(path: str) -> str:
+def results_path(path: str) -> str:
+    """`path`, a bare file name taken as one in benchmarks/results/."""
     return str(Path(RESULTS) / path) if Path(path).parent == Path("") else path
 
 
@@ -101,8 +102,8 @@ def start(args: argparse.Namespace) -> None:
     global _STARTED_AT_GIT
     _STARTED_AT_GIT = git_revision()
     torch.set_num_threads(args.threads)
-    args.results = _in_results(args.results)
-    args.plot = _in_results(args.plot)
+    args.results = results_path(args.results)
+    args.plot = results_path(args.plot)
     if args.tag is None:
         if args.plot_only:
             raise SystemExit("--plot-only needs the --tag of the rows to plot")

@@ -48,7 +48,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parse(argv)
     runs.start(args)
-    args.temperature_plot = runs._in_results(args.temperature_plot)
+    args.temperature_plot = runs.results_path(args.temperature_plot)
     seed = args.seeds[0]
     model = ["--data", "digits", "--levels", str(args.levels), "--hidden", str(args.hidden), "--batch-size",
              str(args.batch_size), "--memory", args.memory]
