@@ -46,7 +46,8 @@ def test_paper_presets_have_the_papers_architecture_and_recipe(name):
 def test_digits_preset_is_the_demo():
     glow, train = preset_configs("digits")
     assert {k: getattr(glow, k) for k in MODEL_DEFAULTS["digits"]} == MODEL_DEFAULTS["digits"]
-    assert (train.data, train.lr, train.max_steps, train.optimizer) == ("digits", 3e-3, 1200, "adam")
+    assert (train.data, train.lr, train.max_steps, train.optimizer, train.augment) == ("digits", 3e-3, 1200, "adam",
+                                                                                       "shift")
 
 
 def test_overrides_win_and_replace_their_alternative():
