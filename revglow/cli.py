@@ -172,9 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one step of a Glow model in each memory mode and report parameters, gradients, Adam "
                     "state, the step's peak memory above them (counted tensor by tensor, and as the device's own "
                     "peak), the tensors alive at the peak, step time, and with --budget the largest batch that fits. "
-                    "Model flags default to GlowConfig's (the paper's CIFAR-10 model).")
-    profile.add_argument("--image-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
-                         help="image shape (default: 3 32 32)")
+                    "Model flags default to GlowConfig's (the paper's CIFAR-10 model), or to --preset's.")
+    profile.add_argument("--preset", choices=PRESET_NAMES, default=None,
+                         help="start from a preset's model (its image shape included); flags given override it: " +
+                              "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+    profile.add_argument("--image-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                         help="image shape (default: 3 32 32, or the preset's)")
     profile.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], metavar="N",
                          help="batch sizes to measure (two or more to fit memory against batch; default: 1 2)")
     profile.add_argument("--modes", nargs="+", choices=MEMORY_MODES, default=list(MEMORY_MODES),
@@ -492,7 +495,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     given = vars(args)
     glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given and f.name != "image_shape"}
-    config = GlowConfig(image_shape=tuple(args.image_shape), **glow_over)
+    if args.preset is not None:
+        if args.image_shape is not None:
+            raise CommandError(f"--preset {args.preset} fixes the image shape; give --image-shape without a preset")
+        config = GlowConfig(**preset_options(args.preset, glow_over)[0])
+    else:
+        config = GlowConfig(image_shape=tuple(args.image_shape or (3, 32, 32)), **glow_over)
     if args.verify and args.budget is None:
         raise CommandError("--verify needs --budget")
     rows = profile(config, batch_sizes=args.batch_sizes, modes=args.modes, device=args.device, rounds=args.rounds,

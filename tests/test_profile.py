@@ -86,3 +86,13 @@ def test_bad_requests_are_one_line_errors(capsys):
     assert "--verify needs --budget" in capsys.readouterr().err
     with pytest.raises(ValueError, match="positive"):
         plan_batch(10, 0, 0, 100, 0.05)
+
+
+def test_a_preset_gives_the_model_and_flags_override_it(capsys):
+    assert main(["profile", "--preset", "celeba256", "--depth", "1", "--hidden", "8", "--levels", "2", "--image-shape",
+                 "1", "8", "8"]) == 1
+    assert "--preset celeba256 fixes the image shape" in capsys.readouterr().err
+    assert main(["profile", "--preset", "digits", "--depth", "1", "--hidden", "8", "--kernels", "torch",
+                 "--batch-sizes", "2", "4", "--rounds", "0", "--modes", "reversible"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("revglow profile: Glow 1x8x8 levels=2 depth=1 hidden=8 affine"), header
