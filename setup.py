@@ -17,7 +17,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "data": ["scikit-learn", "Pillow", "tqdm"],
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "scikit-learn", "Pillow", "tqdm", "triton>=3.0"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "scikit-learn", "Pillow", "tqdm", "triton>=3.0",
+                 "matplotlib"],   # the benchmark scripts' plots, which the tests draw
         # peers and plots for benchmarks/engines.py (install memcnn and revlib with --no-deps to keep your torch)
         "bench": ["memcnn", "revlib", "matplotlib"],
     },

@@ -22,7 +22,7 @@ else
 fi
 # Install revglow (editable) with its test and data extras unless everything already imports from here.
 if ! "$py" - >/dev/null 2>&1 <<PYEOF
-import os, revglow, revglow.kernels, sklearn, PIL, tqdm, pytest, xdist, triton
+import os, revglow, revglow.kernels, sklearn, PIL, tqdm, pytest, xdist, triton, matplotlib
 assert os.path.realpath(os.path.dirname(revglow.__file__)) == os.path.realpath("revglow")
 PYEOF
 then
