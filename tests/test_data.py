@@ -268,10 +268,12 @@ def test_distributed_sampler_shares_each_global_batch_and_reshuffles():
 
 
 def _find(photo: np.ndarray, crop: np.ndarray):
-    """Every (top, left) where crop [3, s, s] occurs in photo [H, W, 3], by brute force."""
+    """Every (top, left) where crop [3, s, s] occurs in photo [H, W, 3], by brute force: each position whose pixel
+    equals the crop's top-left one, then the whole crop compared there."""
     s = crop.shape[1]
-    windows = np.lib.stride_tricks.sliding_window_view(photo, (s, s, 3))[:, :, 0]   # [H-s+1, W-s+1, s, s, 3]
-    return [tuple(p) for p in np.argwhere((windows == crop.transpose(1, 2, 0)).all(axis=(2, 3, 4)))]
+    crop = crop.transpose(1, 2, 0)
+    corners = np.argwhere((photo[:photo.shape[0] - s + 1, :photo.shape[1] - s + 1] == crop[0, 0]).all(axis=2))
+    return [(top, left) for top, left in corners if np.array_equal(photo[top:top + s, left:left + s], crop)]
 
 
 def test_photos_crops_come_from_disjoint_train_and_test_regions():
