@@ -15,7 +15,7 @@ demo:
 # One pytest worker per core (pytest-xdist): each test runs single-threaded (tests/conftest.py), so one process
 # would leave the other cores idle.
 test:
-	@py="$(PY)"; "$$py" -m pytest -q -n auto
+	@py="$(PY)"; "$$py" -m pytest -q -n auto --dist worksteal
 
 # The CPU benchmarks: memory against depth (resident set), step time of the memory modes, and the sweeps with
 # their plots (benchmarks/sweeps.py all: memory against K, resolution and batch, step time per mode, sampling
