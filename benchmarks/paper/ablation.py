@@ -76,17 +76,7 @@ def plot(summary: Sequence[dict], rows: Sequence[dict], path: str, title: str) -
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parse(argv)
     runs.start(args)
-    model = ["--data", "digits", "--levels", str(args.levels), "--depth", str(args.depth), "--hidden",
-             str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory]
-    if not args.plot_only:
-        for name in args.variants:
-            for seed in args.seeds:
-                run = runs.train(model + VARIANTS[name], steps=args.steps, seed=seed, eval_every=args.eval_every)
-                runs.record(args.results, [runs.row("ablation", args.tag, name, VARIANTS[name], seed, run,
-                                                    model=" ".join(model))])
-                print(f"{name:26s} seed {seed}: test bits/dim {run.test_bpd:.4f} ± {run.test_bpd_stderr:.4f} "
-                      f"({run.wall_s:.0f} s)", flush=True)
-    rows = runs.load_rows(args.results, args.tag, "ablation")
+    rows = runs.sweep("ablation", args, {name: VARIANTS[name] for name in args.variants}, width=26)
     summary = runs.summarize(rows, list(VARIANTS))
     if summary:
         plot(summary, rows, args.plot, f"{rows[0]['model']}, {rows[0]['steps']} steps\nmean ± std over "

@@ -74,18 +74,8 @@ def plot(summary: Sequence[dict], path: str, title: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parse(argv)
     runs.start(args)
-    model = ["--data", "digits", "--levels", str(args.levels), "--depth", str(args.depth), "--hidden",
-             str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory]
-    if not args.plot_only:
-        for name in args.variants:
-            flags = [f if f != "invconv_lu" else args.conv for f in VARIANTS[name]]
-            for seed in args.seeds:
-                run = runs.train(model + flags, steps=args.steps, seed=seed, eval_every=args.eval_every)
-                r = runs.row("figure3", args.tag, name, flags, seed, run, model=" ".join(model))
-                runs.record(args.results, [r])
-                print(f"{name:18s} seed {seed}: test bits/dim {run.test_bpd:.4f} ± {run.test_bpd_stderr:.4f} "
-                      f"({run.wall_s:.0f} s)", flush=True)
-    rows = runs.load_rows(args.results, args.tag, "figure3")
+    variants = {name: [f if f != "invconv_lu" else args.conv for f in VARIANTS[name]] for name in args.variants}
+    rows = runs.sweep("figure3", args, variants)
     summary = runs.summarize(rows, list(VARIANTS))
     if summary:
         first = rows[0]

@@ -157,6 +157,26 @@ def load_rows(path: str, tag: str, experiment: Optional[str] = None) -> List[dic
     return [r for r in rows if r.get("tag") == tag and (experiment is None or r.get("experiment") == experiment)]
 
 
+def digits_model_flags(args: argparse.Namespace) -> List[str]:
+    """The digits model and batch of a sweep's budget flags."""
+    return ["--data", "digits", "--levels", str(args.levels), "--depth", str(args.depth), "--hidden",
+            str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory]
+
+
+def sweep(experiment: str, args: argparse.Namespace, variants: Dict[str, List[str]], width: int = 18) -> List[dict]:
+    """Train each of `variants` (name -> its flags beside the model's) at each of args.seeds, a row per run in
+    args.results (unless --plot-only); returns the rows of this experiment and args.tag."""
+    model = digits_model_flags(args)
+    if not args.plot_only:
+        for name, flags in variants.items():
+            for seed in args.seeds:
+                run = train(model + flags, steps=args.steps, seed=seed, eval_every=args.eval_every)
+                record(args.results, [row(experiment, args.tag, name, flags, seed, run, model=" ".join(model))])
+                print(f"{name:{width}s} seed {seed}: test bits/dim {run.test_bpd:.4f} ± {run.test_bpd_stderr:.4f} "
+                      f"({run.wall_s:.0f} s)", flush=True)
+    return load_rows(args.results, args.tag, experiment)
+
+
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
