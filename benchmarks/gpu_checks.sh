@@ -2,7 +2,7 @@
 # Every check that needs a GPU, prepared for a short device lease. Each step has a timeout, and the steps run in
 # order of importance, so a lease that ends early still returns the first. Two sections:
 #
-#   bash benchmarks/gpu_checks.sh memory   # issue 11, at most 8 minutes in all (a deadline caps the timeouts):
+#   bash benchmarks/gpu_checks.sh memory   # memory and speed, at most 8 minutes in all (a deadline caps the timeouts):
 #       a. benchmarks/kernels.py --quick: per-op Triton vs eager, GB/s, the 256x256 training step;
 #       b. revglow profile at 256x256 (CelebA-HQ: L=6, K=32, width 512, additive, 5 bits), batch 2 and 4, every
 #          memory mode, the planner for 24 GiB and --verify: one real step at the planned batch on the device;
@@ -113,7 +113,7 @@ PY
       --results "$out/compile_step.jsonl" 2>&1 | tee "$out/compile.log" | tail -6
 }
 
-# The memory section (issue 11): a deadline caps the whole section at 8 minutes; `cap N` is N seconds or what is
+# The memory section: a deadline caps the whole section at 8 minutes; `cap N` is N seconds or what is
 # left before it, and a step with less than 15 s left is skipped (and says so).
 run_memory() {
   local deadline=$((SECONDS + 470)) quick_kernels=$1

@@ -1,8 +1,8 @@
 """Training-step time of the memory modes, measured side by side in one process.
 
 The modes run interleaved (one step of each, round after round) on identical weights and data, so load from
-other processes on a shared machine hits all of them alike; the medians are compared. Default problem (issue
-target): CPU, 32x32 RGB, 3 levels, K=8, width 128, batch 16. Targets: reversible/autograd <= 1.25 and
+other processes on a shared machine hits all of them alike; the medians are compared. Default problem: CPU,
+32x32 RGB, 3 levels, K=8, width 128, batch 16. Targets: reversible/autograd <= 1.25 and
 reversible <= checkpoint.
 
     python benchmarks/step_time.py [--rounds 20] [--device cuda] [--kernels torch|triton|auto]

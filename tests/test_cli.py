@@ -154,7 +154,7 @@ def test_diverging_run_exits_1_with_checkpoint_intact(tmp_path, monkeypatch, cap
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
-# ------------------------------------------------------------------------------ issue 9: runs that lose nothing
+# ------------------------------------------------------------------------------ runs that lose nothing
 
 def _one_line_error(capsys, code, *fragments):
     err = capsys.readouterr().err

@@ -215,7 +215,7 @@ def test_baseline_on_digits_is_below_uniform():
     assert 1.0 < bpd < 8.0
 
 
-# ------------------------------------------------------------------------------ issue 9: data checked up front
+# ------------------------------------------------------------------------------ data checked up front
 
 def test_corrupt_image_in_a_folder_is_found_when_loading(tmp_path):
     root = write_image_folder(tmp_path / "pics", per_class=5)

@@ -47,7 +47,7 @@ def test_ddp_gradients_match_single_process(library_run):
     assert rel_err(torch.cat([g.flatten() for g in ddp_grads]), expected) < 1e-9
 
 
-# ------------------------------------------------------------------------------ issue 9: revglow train under torchrun
+# ------------------------------------------------------------------------------ revglow train under torchrun
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

@@ -7,7 +7,6 @@ import torch
 
 from flow_checks import flat_grads, perturb_, rel_err
 from revglow import Glow, GlowConfig
-from revglow.layers.actnorm import ActNorm
 
 
 def _model(memory="autograd", num_classes=0, coupling="affine", permutation="invconv_lu", shape=(1, 4, 4),

@@ -154,7 +154,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, digits, monk
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-# ------------------------------------------------------------------------------ issue 9: runs that lose nothing
+# ------------------------------------------------------------------------------ runs that lose nothing
 
 def _tensor_data(n=40, shape=(1, 4, 4), seed=0):
     from revglow.data import ImageData, TensorImageDataset

@@ -1,4 +1,4 @@
-"""The reference network's four options (issue 10, items 1-4) ablated on the 8x8 digits: the plain network, each
+"""The reference network's four options ablated on the 8x8 digits: the plain network, each
 option added to it alone, and all four (GlowConfig's defaults), same budget and seeds.
 
     python benchmarks/paper/ablation.py                         # 6 variants x 3 seeds (README numbers)

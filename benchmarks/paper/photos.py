@@ -1,4 +1,4 @@
-"""Real photographs at 64x64 on a CPU (issue 10, item 12): Glow trained on `--data photos` (crops of
+"""Real photographs at 64x64 on a CPU: Glow trained on `--data photos` (crops of
 scikit-learn's two sample photographs, disjoint train and test regions) for a few minutes; test bits/dim beside
 the per-pixel baseline, and its samples.
 
