@@ -72,7 +72,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     # revglow.train.MODEL_DEFAULTS), not a model of the paper. The random shifts keep the reference network from
     # overfitting the 1,438 training digits (README, Quickstart: 2.04 test bits/dim with them, 2.11 for the plain
     # network, same budget).
-    Preset("digits", "the 8x8 digits demo of `make demo` (about two minutes on 2 CPU cores)",
+    Preset("digits", "the 8x8 digits demo of `make demo` (about three minutes on 2 CPU cores)",
            (1, 8, 8),
            dict(levels=2, depth=8, hidden=64, n_bits=4),
            dict(data="digits", lr=3e-3, max_steps=1200, augment="shift")),
