@@ -67,10 +67,7 @@ def plot(summary: Sequence[dict], rows: Sequence[dict], path: str, title: str) -
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:

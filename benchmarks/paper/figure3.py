@@ -65,10 +65,7 @@ def plot(summary: Sequence[dict], path: str, title: str) -> None:
         ax.legend()
     axes[0].set_ylabel("test bits/dim (mean ± std over seeds)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:

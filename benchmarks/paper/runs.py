@@ -157,16 +157,29 @@ def load_rows(path: str, tag: str, experiment: Optional[str] = None) -> List[dic
     return [r for r in rows if r.get("tag") == tag and (experiment is None or r.get("experiment") == experiment)]
 
 
-def digits_model_flags(args: argparse.Namespace) -> List[str]:
-    """The digits model and batch of a sweep's budget flags."""
-    return ["--data", "digits", "--levels", str(args.levels), "--depth", str(args.depth), "--hidden",
-            str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory]
+def model_flags(args: argparse.Namespace, data: str = "digits", depth: bool = True) -> List[str]:
+    """The `revglow train` flags of the model and batch in a script's budget flags (without --depth when the
+    script varies it itself)."""
+    flags = ["--data", data, "--levels", str(args.levels)]
+    if depth:
+        flags += ["--depth", str(args.depth)]
+    return flags + ["--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory]
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def sweep(experiment: str, args: argparse.Namespace, variants: Dict[str, List[str]], width: int = 18) -> List[dict]:
     """Train each of `variants` (name -> its flags beside the model's) at each of args.seeds, a row per run in
     args.results (unless --plot-only); returns the rows of this experiment and args.tag."""
-    model = digits_model_flags(args)
+    model = model_flags(args)
     if not args.plot_only:
         for name, flags in variants.items():
             for seed in args.seeds:
@@ -254,7 +267,4 @@ def plot_sample_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: 
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -50,8 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     runs.start(args)
     args.temperature_plot = runs.results_path(args.temperature_plot)
     seed = args.seeds[0]
-    model = ["--data", "digits", "--levels", str(args.levels), "--hidden", str(args.hidden), "--batch-size",
-             str(args.batch_size), "--memory", args.memory]
+    model = runs.model_flags(args, depth=False)      # each run adds its own --depth
     rows, checkpoints = [], {}
     with tempfile.TemporaryDirectory(prefix="revglow-paper-depth-") as tmp:
         keep = Path(args.keep) if args.keep else Path(tmp)
