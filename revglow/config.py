@@ -12,7 +12,7 @@ from .errors import ConfigError, ConfigTypeError
 
 __all__ = ["GlowConfig", "TrainConfig", "check_int", "check_known_fields", "COUPLINGS", "PERMUTATIONS",
            "MEMORY_MODES", "KERNEL_BACKENDS", "RECONSTRUCTION_CHECKS", "AMP_MODES", "DATASETS", "MAX_SEED",
-           "DEFAULT_MAX_STEPS", "OPTIMIZERS", "AUGMENTATIONS"]
+           "DEFAULT_MAX_STEPS", "OPTIMIZERS", "AUGMENTATIONS", "override_train_options"]
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv_lu", "invconv", "shuffle", "reverse")
@@ -186,6 +186,23 @@ class GlowConfig:
 # trained as (plain coupling network, no log-scale factors, no class head).
 _BEFORE_FIDELITY_OPTIONS = {"nn_actnorm": False, "edge_padding": False, "zero_logscale_factor": None,
                             "actnorm_logscale_factor": 1.0, "class_head": False}
+
+
+# TrainConfig options that stand in for each other: giving one explicitly drops the other from the options it is
+# laid over (a checkpoint's, a preset's), so a run can switch between them.
+_ALTERNATIVE_TRAIN_OPTIONS = (("max_steps", "epochs"), ("warmup", "warmup_epochs"))
+
+
+def override_train_options(base: dict, overrides: dict) -> dict:
+    """TrainConfig options `base` with `overrides` (options given explicitly) on top; an override of max_steps
+    drops base's epochs and the other way round, and the same for warmup and warmup_epochs."""
+    options = dict(base)
+    for pair in _ALTERNATIVE_TRAIN_OPTIONS:
+        for one, other in (pair, pair[::-1]):
+            if overrides.get(one) is not None and other not in overrides:
+                options.pop(other, None)
+    options.update(overrides)
+    return options
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .config import GlowConfig, TrainConfig
+from .config import GlowConfig, TrainConfig, override_train_options
 from .errors import ConfigError, ConfigTypeError
 
 __all__ = ["Preset", "PRESETS", "PRESET_NAMES", "get_preset", "preset_options", "preset_configs"]
@@ -107,13 +107,7 @@ def preset_options(name: str, glow_overrides: Optional[Mapping[str, Any]] = None
     if "image_shape" in glow_overrides:
         raise ConfigError(f"preset {name} is built for images {preset.image_shape}; its image shape cannot be "
                           f"overridden (choose another preset, or no preset)")
-    train = {"out": f"runs/{name}", **preset.train}
-    for one, other in (("max_steps", "epochs"), ("warmup", "warmup_epochs")):
-        if train_overrides.get(one) is not None and other not in train_overrides:
-            train.pop(other, None)
-        if train_overrides.get(other) is not None and one not in train_overrides:
-            train.pop(one, None)
-    train.update(train_overrides)
+    train = override_train_options({"out": f"runs/{name}", **preset.train}, train_overrides)
     glow = {"image_shape": preset.image_shape, **preset.glow, **glow_overrides}
     return glow, train
 

@@ -38,7 +38,7 @@ from .augment import random_shift
 from .baseline import PixelCategoricalBaseline
 from .checkpoint import (capture_rng_state, link_or_copy_atomic, load_checkpoint, prune_step_checkpoints,
                          restore_rng_state, save_checkpoint, step_checkpoint_path)
-from .config import AMP_MODES, DEFAULT_MAX_STEPS, MAX_SEED, GlowConfig, TrainConfig
+from .config import AMP_MODES, DEFAULT_MAX_STEPS, MAX_SEED, GlowConfig, TrainConfig, override_train_options
 from .data import ImageData, load_dataset, stack_images
 from .distributed import DistributedContext
 from .errors import ConfigError, RevglowError
@@ -147,17 +147,7 @@ def train_config_for_resume(state: Dict, overrides: Dict) -> TrainConfig:
     Giving max_steps replaces a saved epochs and the other way round, so a run can switch between them; the
     same for warmup and warmup_epochs.
     """
-    options = dict(state["train_config"])
-    options.update(overrides)
-    if overrides.get("warmup") is not None and "warmup_epochs" not in overrides:
-        options["warmup_epochs"] = None
-    if overrides.get("warmup_epochs") is not None and "warmup" not in overrides:
-        options["warmup"] = None
-    if overrides.get("max_steps") is not None and "epochs" not in overrides:
-        options["epochs"] = None
-    if overrides.get("epochs") is not None and "max_steps" not in overrides:
-        options["max_steps"] = None
-    return TrainConfig.from_dict(options)
+    return TrainConfig.from_dict(override_train_options(state["train_config"], overrides))
 
 
 
