@@ -389,12 +389,17 @@ class Trainer:
     def _eval_context(self, use_ema: bool = True):
         return self.ema.applied() if self.ema is not None and use_ema else contextlib.nullcontext(self.model)
 
-    def evaluate(self, draws: int = 1, use_ema: bool = True) -> torch.Tensor:
-        """Per-image test bits/dim (EMA weights when on and `use_ema`, else the raw weights); under
-        torch.distributed each rank does a share. Both weights see the same dequantization noise."""
+    def _test_share(self):
+        """This rank's share of the test split: every world_size-th image from its rank (all of it alone)."""
         test = self.data.test
         if self.dist.enabled:
             test = torch.utils.data.Subset(test, list(range(self.dist.rank, len(test), self.dist.world_size)))
+        return test
+
+    def evaluate(self, draws: int = 1, use_ema: bool = True) -> torch.Tensor:
+        """Per-image test bits/dim (EMA weights when on and `use_ema`, else the raw weights); under
+        torch.distributed each rank does a share. Both weights see the same dequantization noise."""
+        test = self._test_share()
         if len(test) == 0:          # more processes than test images
             local = torch.empty(0, dtype=torch.float64)
         else:
@@ -409,9 +414,7 @@ class Trainer:
         on); None for a model without a class head. Under torch.distributed each rank does a share."""
         if self.model.class_head is None:
             return None
-        test = self.data.test
-        if self.dist.enabled:
-            test = torch.utils.data.Subset(test, list(range(self.dist.rank, len(test), self.dist.world_size)))
+        test = self._test_share()
         bits, correct = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
         if len(test):
             with self._eval_context() as model:
