@@ -271,9 +271,9 @@ class Glow(nn.Module):
         return xq / (self.n_bins - 1)
 
     # --------------------------------------------------------------------------------- the bijection
-    def _encode(self, xc: torch.Tensor, y, context=None):
-        """-> (latents, logdet, z_top): the standardized latents of every level, log|det|, and the top level's
-        output before its prior (what the class head reads)."""
+    def _through_levels(self, xc: torch.Tensor, context=None):
+        """-> (z_top, latents, logdet): the top level's output (before its prior), the split latents below it, and
+        the levels' log|det|."""
         logdet = torch.zeros(xc.shape[0], dtype=xc.dtype, device=xc.device)
         latents: List[torch.Tensor] = []
         z = xc
@@ -282,9 +282,14 @@ class Glow(nn.Module):
             logdet = logdet + ld
             if eps is not None:
                 latents.append(eps)
+        return z, latents, logdet
+
+    def _encode(self, xc: torch.Tensor, y, context=None):
+        """-> (latents, logdet, z_top): the standardized latents of every level, log|det|, and the top level's
+        output before its prior (what the class head reads)."""
+        z, latents, logdet = self._through_levels(xc, context)
         eps, ld = self.top_prior(z, y)
-        latents.append(eps)
-        return latents, logdet + ld, z
+        return latents + [eps], logdet + ld, z
 
     def encode(self, xc: torch.Tensor, y=None, context=None) -> List[torch.Tensor]:
         """Preprocessed images -> one standard-normal latent per level (split priors' standardization included)."""
@@ -370,11 +375,8 @@ class Glow(nn.Module):
         self._check_raw_images(x, "predict_class")
         context = self._check_context(context, x.shape[0], "predict_class")
         self._require_initialized("predict_class")
-        xc = self._dequantize(x, noise=False) + 0.5 / self.n_bins
-        z = xc
-        for level, level_context in zip(self._levels, self._level_contexts(context)):
-            z, _, _ = level(z, level_context)
-        return self.class_head(z)
+        z_top = self._through_levels(self._dequantize(x, noise=False) + 0.5 / self.n_bins, context)[0]
+        return self.class_head(z_top)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y=None, context=None) -> None:
