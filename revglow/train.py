@@ -573,21 +573,19 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16"):
                     out = network(x, y, generator=self.noise_generator, all_losses=True)
                 bpd = out.bits_x.float().mean()
-                loss = bpd
-                if out.bits_y is not None and self.config.weight_y > 0:
-                    class_bits = out.bits_y.float().mean()
-                    loss = bpd + self.config.weight_y * class_bits
+                class_bits = (out.bits_y.float().mean() if out.bits_y is not None and self.config.weight_y > 0
+                              else None)
+                loss = bpd if class_bits is None else bpd + self.config.weight_y * class_bits
                 if self.dist.enabled:
                     loss.backward()              # a non-finite loss is caught with the flags, without a sync here
                 else:
                     # the one read per step (logging needs it): the loss, its bits/dim and the class head's bits
-                    terms = [loss, bpd] + ([class_bits] if loss is not bpd else [])
-                    read = torch.stack([t.detach() for t in terms]).tolist()
+                    read = torch.stack([t.detach() for t in (loss, bpd, class_bits) if t is not None]).tolist()
                     if not math.isfinite(read[0]):
                         failure = "loss"
                     else:
                         value = read[1]
-                        if len(read) == 3:
+                        if class_bits is not None:
                             record["class_bits"] = read[2]
                         loss.backward()
         except _NUMERICAL_ERRORS as exc:
