@@ -42,6 +42,10 @@ COMMANDS = ("train", "eval", "sample", "interpolate", "manipulate", "profile")
 _DATA_DEPENDENT = ("levels", "depth", "hidden", "n_bits")
 
 
+# The presets as a flag's help lists them (train and profile take --preset).
+_PRESET_LIST = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+
+
 class CommandError(RevglowError):
     """A problem with what the user asked for; printed as one line, exit status 1."""
 
@@ -127,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved model and training configuration as JSON and exit (with --preset: "
                             "without reading the data)")
     train.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS,
-                       help="start from a preset model and recipe; flags given override it: " +
-                            "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+                       help="start from a preset model and recipe; flags given override it: " + _PRESET_LIST)
     # context_channels: the command line has no source of conditioning maps (see
     # examples/train_conditional_digits.py for a conditional flow trained from Python)
     _add_dataclass_flags(train, GlowConfig, skip=("image_shape", "context_channels"))
@@ -174,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "peak), the tensors alive at the peak, step time, and with --budget the largest batch that fits. "
                     "Model flags default to GlowConfig's (the paper's CIFAR-10 model), or to --preset's.")
     profile.add_argument("--preset", choices=PRESET_NAMES, default=None,
-                         help="start from a preset's model (its image shape included); flags given override it: " +
-                              "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+                         help="start from a preset's model (its image shape included); flags given override it: "
+                              + _PRESET_LIST)
     profile.add_argument("--image-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
                          help="image shape (default: 3 32 32, or the preset's)")
     profile.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], metavar="N",
