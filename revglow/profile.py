@@ -6,7 +6,10 @@ of any module built on `ReversibleSequence` with an example input, in each memor
 - parameters, gradients and Adam state (MiB), and the peak memory of the step above them ("activation"),
   measured two ways: exact accounting of the tensor storage the step allocates (`LiveStorageTracker`, a
   dispatch mode, the same on every device) and the device's own peak (CUDA's max_memory_allocated; on the CPU
-  the peak resident set, with glibc told to hand large freed blocks back at once);
+  the peak resident set, with glibc told to hand large freed blocks back at once: `revglow.device_peak`);
+- where the device can be measured, the count again with each convolution's working buffers added while it
+  runs ("with workspace"; they sit below the dispatcher, so the tracker measures them per call signature with
+  `revglow.op_workspace`): the count that the device's peak should equal, and on the CPU does within 10%;
 - the tensors live at the peak (op, shape, and the module or autograd node that made them);
 - step time (median of interleaved rounds, without the tracker) and images/s;
 - with two or more batch sizes, memory per sample and, given a budget, the largest batch that fits with
@@ -21,11 +24,9 @@ Example:
 """
 from __future__ import annotations
 
-import ctypes
+import gc
 import math
-import os
 import statistics
-import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from revglow.config import MEMORY_MODES, GlowConfig
+from revglow.device_peak import device_peak as _device_peak
 from revglow.errors import ConfigError, ConfigTypeError
+from revglow.op_workspace import OpWorkspaces
 from revglow.reversible import ReversibleSequence
 
 __all__ = ["profile", "plan_batch", "LiveStorageTracker", "parse_size", "format_table"]
@@ -58,6 +61,11 @@ class LiveStorageTracker(TorchDispatchMode):
     in place, optimizer state, the input) are not counted: an op's output is counted only when its storage is
     none of its inputs' (views and in-place results share their input's storage).
 
+    Given `workspaces` (an `OpWorkspaces`), it also counts, while each of their ops runs, how far that op alone
+    raises the device's memory (measured once per call signature: outputs and what it holds below the dispatcher),
+    and keeps that peak apart: `peak_with_workspace`, with `workspace_at_peak` (bytes, op) the part of it that no
+    tensor holds.
+
     Example:
         >>> with LiveStorageTracker() as tracker:
         ...     a = torch.ones(1024, 256)          # 1 MiB, alive at the end
@@ -66,10 +74,14 @@ class LiveStorageTracker(TorchDispatchMode):
         (2, 1)
     """
 
-    def __init__(self, root: Optional[nn.Module] = None, top: int = 5):
+    def __init__(self, root: Optional[nn.Module] = None, top: int = 5, workspaces: Optional[OpWorkspaces] = None):
         super().__init__()
         self.current = 0
         self.peak = 0
+        self.workspaces = workspaces
+        self.peak_with_workspace = 0
+        self.workspace_at_peak: Tuple[int, str] = (0, "")
+        self.workspace_unmeasured = False   # an op of `workspaces` ran on a device without a meter
         self.top = top
         self.at_peak: List[Tuple[int, str]] = []
         self._live: Dict[int, _Live] = {}
@@ -106,11 +118,20 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        grown = None
+        if self.workspaces is not None and func in self.workspaces:
+            grown = self.workspaces.measure(func, args, kwargs)   # before the op: it runs it on the same inputs
+            self.workspace_unmeasured |= grown is None
+        before = self.current
         out = func(*args, **kwargs)
         inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t, func, inputs)
+        if grown and before + grown > self.peak_with_workspace:   # the op's own rise, outputs included
+            self.peak_with_workspace = before + grown
+            self.workspace_at_peak = (self.workspaces.hidden(func, args, kwargs, out),
+                                      f"{getattr(func, '__name__', func)} ({self._where()})")
         return out
 
     def _track(self, t: torch.Tensor, func, inputs) -> None:
@@ -125,6 +146,9 @@ class LiveStorageTracker(TorchDispatchMode):
         self._live[key] = _Live(storage.nbytes(), label)
         self.current += storage.nbytes()
         weakref.finalize(storage, self._free, key)
+        if self.current > self.peak_with_workspace:
+            self.peak_with_workspace = self.current
+            self.workspace_at_peak = (0, "")
         if self.current > self.peak:
             self.peak = self.current
             if self.peak > 1.005 * self._snapshot_peak:    # the top-k list: refreshed when the peak grows 0.5%
@@ -136,74 +160,6 @@ class LiveStorageTracker(TorchDispatchMode):
         entry = self._live.pop(key, None)
         if entry is not None:
             self.current -= entry.nbytes
-
-
-# ------------------------------------------------------------------------------------ device peaks
-class _ResidentSet:
-    """The CPU's own peak: the peak resident set of this process during a block, above its size before it.
-
-    glibc is told (mallopt) to serve blocks above 64 KiB with mmap and to return them at once, and to trim its
-    heap before the block, so the resident size follows live memory; /proc/self/clear_refs resets the peak.
-    The mallopt settings stay for the rest of the process (glibc cannot go back to its adaptive threshold), which
-    makes large allocations dearer there: profile in a process of its own, as `revglow profile` does."""
-
-    available = sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")
-
-    def __init__(self):
-        self._libc = None
-        if self.available:
-            try:
-                self._libc = ctypes.CDLL("libc.so.6")
-                self._libc.mallopt(-3, 65536)     # M_MMAP_THRESHOLD
-                self._libc.mallopt(-1, 131072)    # M_TRIM_THRESHOLD
-            except OSError:
-                self._libc = None
-
-    @staticmethod
-    def _status(key: str) -> float:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024.0
-        raise RuntimeError(f"no {key} in /proc/self/status")
-
-    def __enter__(self):
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        self.before = self._status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        self.peak = self._status("VmHWM") - self.before
-        return False
-
-
-class _CudaPeak:
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.before = torch.cuda.memory_allocated(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.synchronize(self.device)
-        self.peak = torch.cuda.max_memory_allocated(self.device) - self.before
-        self.reserved_ratio = (torch.cuda.max_memory_reserved(self.device)
-                               / max(1, torch.cuda.max_memory_allocated(self.device)))
-        return False
-
-
-def _device_peak(device: torch.device):
-    if device.type == "cuda":
-        return _CudaPeak(device)
-    if device.type == "cpu" and _ResidentSet.available:
-        return _ResidentSet()
-    return None
 
 
 # ------------------------------------------------------------------------------------- the workload
@@ -274,22 +230,29 @@ def _module_workload(model: nn.Module, example: torch.Tensor, mode: str, device:
 
 
 # -------------------------------------------------------------------------------------- measurement
-def _measure(work: _Workload, batch_size: int, device_peak: bool, top: int) -> Dict:
+def _measure(work: _Workload, batch_size: int, device_peak: bool, top: int,
+             workspaces: Optional[OpWorkspaces] = None) -> Dict:
+    """One batch size: a warm-up step, then the device's peak over one step, then the tracker's count over one
+    more. The device goes first: the tracker's own Python objects (one per storage) and the workspace
+    measurements would otherwise be part of the heap the device measurement starts from."""
     batch = work.make_batch(batch_size)
     work.step(batch)                       # warm-up: gradients, Adam state, lazy caches
     out = {"batch": batch_size, **work.sizes()}
-    with LiveStorageTracker(work.model, top=top) as tracker:
+    meter = _device_peak(work.device) if device_peak else None
+    if meter is not None:
+        gc.collect()                       # what earlier steps left in reference cycles is not this step's
+        with meter:
+            work.step(batch)
+        out["device_activation_mib"] = meter.peak / MiB
+        if hasattr(meter, "reserved_ratio"):
+            out["reserved_ratio"] = meter.reserved_ratio
+    with LiveStorageTracker(work.model, top=top, workspaces=workspaces if meter is not None else None) as tracker:
         work.step(batch)
     out["activation_mib"] = tracker.peak / MiB
     out["live_at_peak"] = [{"mib": n / MiB, "tensor": label} for n, label in tracker.at_peak]
-    if device_peak:
-        meter = _device_peak(work.device)
-        if meter is not None:
-            with meter:
-                work.step(batch)
-            out["device_activation_mib"] = meter.peak / MiB
-            if hasattr(meter, "reserved_ratio"):
-                out["reserved_ratio"] = meter.reserved_ratio
+    if tracker.workspaces is not None and not tracker.workspace_unmeasured:
+        out["activation_with_workspace_mib"] = tracker.peak_with_workspace / MiB
+        out["workspace_at_peak"] = {"mib": tracker.workspace_at_peak[0] / MiB, "op": tracker.workspace_at_peak[1]}
     return out
 
 
@@ -393,11 +356,12 @@ def profile(model_or_config, example: Optional[torch.Tensor] = None, *, batch_si
         raise ConfigTypeError(f"profile: expects a GlowConfig or an nn.Module; got {type(model_or_config).__name__}")
 
     works = {mode: make(mode) for mode in modes}
+    workspaces = OpWorkspaces()   # shared by the modes: their convolutions are the same calls
     rows = []
     step_times = _time_steps(works, batch_sizes[-1], rounds) if rounds > 0 else {}
     budget_mib = parse_size(budget) if budget is not None else None
     for mode in modes:
-        points = [_measure(works[mode], b, device_peak, top) for b in batch_sizes]
+        points = [_measure(works[mode], b, device_peak, top, workspaces) for b in batch_sizes]
         last = points[-1]
         intercept, slope = _fit([(p["batch"], p["activation_mib"]) for p in points])
         row = {"mode": mode, "batch": last["batch"], "params_mib": last["params_mib"], "grads_mib": last["grads_mib"],
@@ -407,9 +371,15 @@ def profile(model_or_config, example: Optional[torch.Tensor] = None, *, batch_si
                "device_activation_mib": last.get("device_activation_mib"),
                "step_s": step_times.get(mode), "images_per_s": (batch_sizes[-1] / step_times[mode]
                                                                  if mode in step_times else None),
-               "live_at_peak": last["live_at_peak"], "points": [{"batch": p["batch"], "activation_mib": p["activation_mib"],
-                                                                  "device_activation_mib": p.get("device_activation_mib")}
-                                                                 for p in points]}
+               "live_at_peak": last["live_at_peak"],
+               "points": [{key: p.get(key) for key in ("batch", "activation_mib", "activation_with_workspace_mib",
+                                                       "device_activation_mib")} for p in points]}
+        if all("activation_with_workspace_mib" in p for p in points):
+            row["activation_with_workspace_mib"] = last["activation_with_workspace_mib"]
+            row["workspace_at_peak"] = last["workspace_at_peak"]
+            if len(points) > 1:
+                row["activation_with_workspace_mib_per_sample"] = _fit(
+                    [(p["batch"], p["activation_with_workspace_mib"]) for p in points])[1]
         device_points = [(p["batch"], p["device_activation_mib"]) for p in points
                          if p.get("device_activation_mib") is not None]
         if len(device_points) == len(points) and len(points) > 1:
@@ -467,19 +437,22 @@ def _refine_and_verify(work: _Workload, batch: int, points: List[Tuple[int, floa
 
 # ------------------------------------------------------------------------------------------- report
 def format_table(rows: List[Dict]) -> str:
-    """The plain-text table `revglow profile` prints."""
+    """The plain-text table `revglow profile` prints. "activ.": the tensors' count; "+ wksp": the same count with
+    each convolution's working buffers added while it runs (where the device can be measured); "device": the
+    device's own peak; "/sample": memory per sample of the count (with workspace where there is one)."""
     lines = []
-    head = (f"{'mode':<11} {'params':>8} {'grads':>8} {'adam':>8} {'activ.':>9} {'device':>9} {'/sample':>9} "
-            f"{'step s':>8} {'img/s':>8}")
+    head = (f"{'mode':<11} {'params':>8} {'grads':>8} {'adam':>8} {'activ.':>9} {'+ wksp':>9} {'device':>9} "
+            f"{'/sample':>9} {'step s':>8} {'img/s':>8}")
     if any("max_batch" in r for r in rows):
         head += f" {'max batch':>10}"
     lines.append(head + "   (MiB)")
+    optional = lambda value, fmt: f"{value:{fmt}}" if value is not None else f"{'-':>{fmt.split('.')[0]}}"  # noqa: E731
     for r in rows:
-        dev = f"{r['device_activation_mib']:9.1f}" if r.get("device_activation_mib") is not None else f"{'-':>9}"
-        step = f"{r['step_s']:8.3f}" if r.get("step_s") else f"{'-':>8}"
-        ips = f"{r['images_per_s']:8.1f}" if r.get("images_per_s") else f"{'-':>8}"
+        per_sample = r.get("activation_with_workspace_mib_per_sample", r["activation_mib_per_sample"])
         line = (f"{r['mode']:<11} {r['params_mib']:8.1f} {r['grads_mib']:8.1f} {r['optimizer_mib']:8.1f} "
-                f"{r['activation_mib']:9.1f} {dev} {r['activation_mib_per_sample']:9.2f} {step} {ips}")
+                f"{r['activation_mib']:9.1f} {optional(r.get('activation_with_workspace_mib'), '9.1f')} "
+                f"{optional(r.get('device_activation_mib'), '9.1f')} {per_sample:9.2f} "
+                f"{optional(r.get('step_s') or None, '8.3f')} {optional(r.get('images_per_s') or None, '8.1f')}")
         if "max_batch" in r:
             line += f" {r['max_batch']:10d}"
         lines.append(line)
@@ -487,6 +460,9 @@ def format_table(rows: List[Dict]) -> str:
         lines.append(f"\n{r['mode']}: largest tensors alive at the peak (batch {r['batch']})")
         for item in r["live_at_peak"]:
             lines.append(f"  {item['mib']:9.2f} MiB  {item['tensor']}")
+        if r.get("workspace_at_peak", {}).get("mib"):
+            w = r["workspace_at_peak"]
+            lines.append(f"  counted with workspaces, the peak is in {w['op']}, whose working buffers hold {w['mib']:.2f} MiB")
         if "max_batch" in r:
             lines.append(f"  budget {r['budget_mib']:.0f} MiB, allocator margin {100 * r['allocator_margin']:.0f}%: "
                          f"largest batch {r['max_batch']}")

@@ -1,0 +1,70 @@
+"""revglow.op_workspace: what an op allocates below the dispatcher, measured on the CPU, against the allocation of
+an algorithm whose buffers are known: the fallback convolution's im2col (mkldnn off), which unfolds the whole batch
+into columns of C * kh * kw rows by H * W, and needs none for a 1x1 kernel."""
+import contextlib
+import sys
+
+import pytest
+import torch
+
+from revglow.op_workspace import OpWorkspaces
+from revglow.profile import LiveStorageTracker
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU's own peak needs /proc")
+conv = torch.ops.aten.convolution.default
+MiB = 2 ** 20
+
+
+@contextlib.contextmanager
+def mkldnn_off():
+    """torch.backends.mkldnn.flags would also set oneDNN's TF32 switch, which warns on builds without Intel GPUs."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def _conv_args(n, c_in, c_out, k, size):
+    x = torch.randn(n, c_in, size, size, dtype=torch.float64)
+    w = torch.randn(c_out, c_in, k, k, dtype=torch.float64)
+    return (x, w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_fallback_convolution_grows_by_its_columns_and_its_output(k):
+    n, c_in, c_out, size = 4, 16, 16, 32
+    args = _conv_args(n, c_in, c_out, k, size)
+    with mkldnn_off():
+        assert torch._C._select_conv_backend(*args[:9], None) == torch._C._ConvBackend.Slow2d
+        grown = OpWorkspaces().measure(conv, args, {})
+    output = n * c_out * size * size * 8
+    columns = n * c_in * k * k * size * size * 8 if k > 1 else 0     # a 1x1 kernel reads its input as it is
+    assert grown == pytest.approx(output + columns, rel=0.03, abs=0.05 * MiB), (grown / MiB, (output + columns) / MiB)
+
+
+def test_a_signature_is_measured_once_and_another_shape_again():
+    workspaces = OpWorkspaces()
+    with mkldnn_off():
+        first = workspaces.measure(conv, _conv_args(4, 8, 8, 3, 16), {})
+        assert workspaces.measure(conv, _conv_args(4, 8, 8, 3, 16), {}) == first and len(workspaces) == 1
+        workspaces.measure(conv, _conv_args(8, 8, 8, 3, 16), {})
+    assert len(workspaces) == 2
+    with pytest.raises(ValueError, match="repeats"):
+        OpWorkspaces(repeats=0)
+
+
+def test_the_tracker_adds_an_ops_rise_while_it_runs_and_reports_the_hidden_part():
+    n, c_in, c_out, size = 4, 16, 16, 32
+    x, w = _conv_args(n, c_in, c_out, 3, size)[:2]
+    columns, output = n * c_in * 9 * size * size * 8, n * c_out * size * size * 8
+    with mkldnn_off():
+        with LiveStorageTracker(workspaces=OpWorkspaces()) as tracker:
+            y = torch.nn.functional.conv2d(x, w, padding=1)
+            z = y * 2                                                  # after the convolution: tensors only
+    assert tracker.peak == 2 * output                                 # the tensors' count is unchanged
+    assert tracker.peak_with_workspace == pytest.approx(output + columns, rel=0.03)
+    hidden, where = tracker.workspace_at_peak
+    assert hidden == pytest.approx(columns, rel=0.03) and "convolution" in where
+    assert z.shape == y.shape
