@@ -63,8 +63,15 @@ TRAIN = ["--levels", "2", "--depth", "1", "--hidden", "8", "--batch-size", "8", 
 
 
 def _spawn(fn, args, timeout=240):
-    """mp.spawn with a deadline: a hung collective fails the test instead of stalling the suite."""
-    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    """WORLD processes running fn(rank, *args), with a deadline: a hung collective fails the test instead of
+    stalling the suite.
+
+    Forked, not spawned: a spawned worker starts a fresh interpreter and imports torch, revglow, scikit-learn
+    (the digits) and torch._dynamo (which torch's optimizers and DDP import on first use) again, 3-4 s of CPU
+    each, against well under 1 s of work. A forked one inherits them; every worker still starts its own process
+    group and sets its own seeds. The fresh-interpreter path is the torchrun launch of the slow test below.
+    Import what the workers need before calling this."""
+    context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="fork")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -120,6 +127,7 @@ def library_run(tmp_path_factory):
     init_x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     init_x[3:] //= 4                                   # the shards differ: a per-shard init would show it
     path = str(tmp_path_factory.mktemp("ddp") / "library.pt")
+    from torch import _dynamo  # noqa: F401  (DDP's constructor imports it: once here, not in each forked worker)
     _spawn(_library_worker, (_free_port(), grads_x, init_x, path))
     return dict(torch.load(path), grads_x=grads_x, init_x=init_x)
 
@@ -177,6 +185,23 @@ def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tens
         dist.destroy_process_group()
 
 
+def _single_process_step(x: torch.Tensor, out: Path):
+    """One trainer step of plain autograd on the whole batch x in this process: its record and gradients."""
+    from revglow.data import load_dataset
+    from revglow.train import TrainConfig, Trainer
+
+    real = Glow._dequantize
+    try:
+        _without_noise()
+        glow = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=1, hidden=8, kernels="torch", memory="autograd")
+        single = Trainer(glow, TrainConfig(batch_size=4, out=str(out), progress=False), data=load_dataset("digits"))
+        single.model.initialize(x)
+        record = single._train_step(x, None)
+    finally:
+        Glow._dequantize = real
+    return record, torch.cat([p.grad.flatten() for p in single.model.parameters()])
+
+
 def _losses(out: Path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["bpd"], r["lr"], r["grad_norm"]) for r in rows if "images_per_s" in r]
@@ -196,6 +221,9 @@ def test_torchrun_train_checkpoint_resume_and_gradients(tmp_path):
     try:
         torch.manual_seed(1)
         x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+        # The single-process reference first, while torchrun starts: the forked workers then inherit what it
+        # imports (the digits' scikit-learn, the optimizer's torch._dynamo) instead of importing it each.
+        record, expected = _single_process_step(x, tmp_path / "single")
         resumed = tmp_path / "resumed"
         grads_path = str(tmp_path / "grads.pt")
         _spawn(_train_worker, (_free_port(), str(resumed), grads_path, x))
@@ -217,21 +245,7 @@ def test_torchrun_train_checkpoint_resume_and_gradients(tmp_path):
     assert len(ranks) == WORLD and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     assert sorted(p.name for p in (resumed / "samples").iterdir())[0].startswith("step-00000002")
 
-    from revglow.data import load_dataset
-    from revglow.train import TrainConfig, Trainer
-
     saved = torch.load(grads_path)
-    real = Glow._dequantize
-    try:
-        _without_noise()
-        glow = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=1, hidden=8, kernels="torch", memory="autograd")
-        single = Trainer(glow, TrainConfig(batch_size=4, out=str(tmp_path / "single"), progress=False),
-                         data=load_dataset("digits"))
-        single.model.initialize(x)
-        record = single._train_step(x, None)
-    finally:
-        Glow._dequantize = real
-    expected = torch.cat([p.grad.flatten() for p in single.model.parameters()])
     assert rel_err(torch.cat([g.flatten() for g in saved["grads"]]), expected) < 1e-5
     assert abs(saved["bpd"] - record["bpd"]) < 1e-5 * abs(record["bpd"])
     (rank0, unchanged0, step0), (rank1, unchanged1, step1) = saved["failed"]
