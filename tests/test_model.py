@@ -91,26 +91,41 @@ def _assert_same_training_step(model, reference, x, loss_tol, grad_tol, seed=5):
 PLAIN_NETWORK = dict(nn_actnorm=False, edge_padding=False, zero_logscale_factor=None, actnorm_logscale_factor=1.0)
 
 
+@pytest.fixture(scope="module")
+def trained_float32_glow():
+    """(config, trained weights, data) of the float32 test below, per network: the autograd model and its three
+    Adam steps, trained once for both memory modes (the same seed gives the same weights for each)."""
+    cache = {}
+
+    def trained(network, shape):
+        if (network, shape) not in cache:
+            torch.manual_seed(0)
+            cfg = GlowConfig(image_shape=shape, levels=3, depth=32, hidden=16, memory="autograd", kernels="torch",
+                             **(PLAIN_NETWORK if network == "plain" else {}))
+            reference = Glow(cfg)
+            data = torch.randint(0, 256, (8, *shape), dtype=torch.uint8)
+            opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+            for _ in range(3):
+                opt.zero_grad()
+                reference(data).mean().backward()
+                opt.step()
+            cache[network, shape] = cfg, {k: v.clone() for k, v in reference.state_dict().items()}, data
+        return cache[network, shape]
+
+    return trained
+
+
 @pytest.mark.parametrize("memory", ["reversible", "checkpoint"])
 @pytest.mark.parametrize("network,shape", [("plain", (3, 8, 8)), ("reference", (1, 16, 16))])
-def test_memory_modes_match_autograd_in_float32_after_training(memory, network, shape):
+def test_memory_modes_match_autograd_in_float32_after_training(memory, network, shape, trained_float32_glow):
     """A 3-level, 32-step model, trained a few steps (not only at init), float32: < 1e-4 normwise. (With a 1x1
     top level, (3, 8, 8), three Adam steps on noise take either network to thousands of bits/dim; the reference
     network's ActNorms, initialized on 8 values per channel there, then leave it non-invertible in float32, so
     it is checked at 16x16, where it trains sanely.)"""
-    torch.manual_seed(0)
-    cfg = GlowConfig(image_shape=shape, levels=3, depth=32, hidden=16, memory="autograd", kernels="torch",
-                     **(PLAIN_NETWORK if network == "plain" else {}))
-    reference = Glow(cfg)
-    data = torch.randint(0, 256, (8, *shape), dtype=torch.uint8)
-    opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
-    for _ in range(3):
-        opt.zero_grad()
-        reference(data).mean().backward()
-        opt.step()
-    model = Glow(dataclasses.replace(cfg, memory=memory))
-    model.load_state_dict(reference.state_dict())
-    reference.zero_grad()
+    cfg, weights, data = trained_float32_glow(network, shape)
+    reference, model = Glow(cfg), Glow(dataclasses.replace(cfg, memory=memory))
+    reference.load_state_dict(weights)
+    model.load_state_dict(weights)
     _assert_same_training_step(model, reference, data, loss_tol=1e-6, grad_tol=1e-4)
 
 
