@@ -27,6 +27,64 @@ def _seed():
     yield
 
 
+# The tests that take seconds (compiling, or starting processes that import torch), with about how many seconds
+# of CPU each file or test takes. pytest-xdist's worksteal hands each worker a contiguous share of the collected
+# tests and lets an idle worker take the tail of another's queue; when a long test comes late in a share, one
+# worker can still be in it at the end while the other idles. pytest_collection_modifyitems therefore puts them
+# at the head of the shares, spread so that each worker starts with a similar amount of long work, and the short
+# tests last, to even out the end. Only the order changes: every test runs, as before.
+LONG_TESTS = {
+    "tests/test_compile.py": 9,
+    "tests/test_ddp.py": 9,
+    "tests/test_memory.py": 9,
+    "tests/test_signals.py": 7,
+    "tests/test_paper_scripts.py": 6,
+    "tests/test_model.py::test_memory_modes_match_autograd_in_float32_after_training": 6,
+    "tests/test_bench_ops.py": 6,
+    "tests/test_compile_inductor.py": 4,
+    "tests/test_engines_benchmark.py": 3,
+    "tests/test_class_head.py::test_the_trainer_adds_weight_y_times_the_class_bits_and_evaluates_the_head": 2,
+    "tests/test_kernels_compile.py": 2,
+}
+
+
+def _long_key(nodeid: str):
+    path, _, name = nodeid.partition("::")
+    for key in (f"{path}::{name.split('[')[0]}", path):
+        if key in LONG_TESTS:
+            return key
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # the same in every worker: same order
+    groups, short = {}, []
+    for item in items:
+        key = _long_key(item.nodeid)
+        (groups.setdefault(key, []) if key else short).append(item)
+    # The shares worksteal sends at the start: the first of k workers gets n // k tests, the next a
+    # (k - 1)-th of the rest, and so on (xdist/scheduler/worksteal.py, check_schedule).
+    sizes, left = [], len(items)
+    for i in range(workers):
+        sizes.append(left // (workers - i))
+        left -= sizes[-1]
+    shares = [[] for _ in sizes]
+    load = [0.0] * len(sizes)
+    for key in sorted(groups, key=lambda k: -LONG_TESTS[k]):   # longest first, each to the least loaded share
+        fits = [i for i in range(len(shares)) if len(shares[i]) + len(groups[key]) <= sizes[i]] or [0]
+        i = min(fits, key=lambda i: load[i])
+        shares[i].extend(groups[key])
+        load[i] += LONG_TESTS[key]
+    short_left = iter(short)
+    ordered = []
+    for share, size in zip(shares, sizes):
+        ordered.extend(share)
+        ordered.extend(next(short_left) for _ in range(size - len(share)))
+    ordered.extend(short_left)
+    assert sorted(map(id, ordered)) == sorted(map(id, items))
+    items[:] = ordered
+
+
 def pytest_report_header(config):
     return (f"revglow tests: torch {torch.__version__}, cuda available: {torch.cuda.is_available()}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
