@@ -131,7 +131,7 @@ class LiveStorageTracker(TorchDispatchMode):
         if grown and before + grown > self.peak_with_workspace:   # the op's own rise, outputs included
             self.peak_with_workspace = before + grown
             self.workspace_at_peak = (self.workspaces.hidden(func, args, kwargs, out),
-                                      f"{getattr(func, '__name__', func)} ({self._where()})")
+                                      f"{getattr(func, '__name__', func)} in {self._where()}")
         return out
 
     def _track(self, t: torch.Tensor, func, inputs) -> None:
@@ -462,7 +462,7 @@ def format_table(rows: List[Dict]) -> str:
             lines.append(f"  {item['mib']:9.2f} MiB  {item['tensor']}")
         if r.get("workspace_at_peak", {}).get("mib"):
             w = r["workspace_at_peak"]
-            lines.append(f"  counted with workspaces, the peak is in {w['op']}, whose working buffers hold {w['mib']:.2f} MiB")
+            lines.append(f"  counted with workspaces, the peak is at {w['op']}; its working buffers hold {w['mib']:.2f} MiB")
         if "max_batch" in r:
             lines.append(f"  budget {r['budget_mib']:.0f} MiB, allocator margin {100 * r['allocator_margin']:.0f}%: "
                          f"largest batch {r['max_batch']}")
