@@ -169,3 +169,13 @@ def test_conv_workspace_script(capsys):
     assert "per sample: counted" in capsys.readouterr().out                             # resident set's few-MiB wander
     assert ratios["resident_over_tensors"] > 1.2
     assert 0.9 < ratios["resident_over_with_workspace"] < 1.1
+
+
+def test_count_vs_resident_measures_each_mode_in_process():
+    """The script's measuring process, run here in-process on a tiny model (its ratios mean something only at the
+    script's default size, which test_profile holds within 10%): one pair of finite ratios per mode asked for."""
+    import math
+    ratios = _load("count_vs_resident").measure_once({"size": 8, "levels": 1, "depth": 2, "hidden": 8,
+                                                      "batches": [4, 8], "modes": ["reversible", "autograd"]})
+    assert set(ratios) == {"reversible", "autograd"}
+    assert all(len(pair) == 2 and all(math.isfinite(r) for r in pair) for pair in ratios.values())
