@@ -6,23 +6,32 @@ tests run unchanged on a GPU.
 """
 import os
 
-import triton_env  # noqa: F401  (first: sets TRITON_INTERPRET before anything imports triton)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
 
 # A script run in its own process by test_kernels_compile.py (it refuses to import under the interpreter),
 # not a module for --doctest-modules to import.
 collect_ignore = ["kernel_compile_check.py"]
 
-# The tests use tiny tensors, which gain nothing from intra-op threads; and when another process competes
-# for the cores, OpenMP's spin-waiting makes each tiny op orders of magnitude slower (seen: a 3-level,
-# 32-step model on 8x8 images took 80 s instead of 2 s). One thread keeps the suite fast and steady.
-torch.set_num_threads(1)
+
+def pytest_sessionstart(session):
+    """torch's set-up, in every process that collects or runs tests: before collection, so before any test module
+    imports triton or torch. pytest-xdist's controller ("dsession") does neither: it would import torch (about
+    1 s) for nothing, before it starts its workers, so every worker would start that much later."""
+    if session.config.pluginmanager.has_plugin("dsession"):
+        return
+    import triton_env  # noqa: F401  (first: sets TRITON_INTERPRET before anything imports triton)
+    import torch
+
+    # The tests use tiny tensors, which gain nothing from intra-op threads; and when another process competes
+    # for the cores, OpenMP's spin-waiting makes each tiny op orders of magnitude slower (seen: a 3-level,
+    # 32-step model on 8x8 images took 80 s instead of 2 s). One thread keeps the suite fast and steady.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import torch
+
     torch.manual_seed(0)
     yield
 
@@ -86,5 +95,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
+    import triton_env  # noqa: F401  (printed by the controller, which has not imported them; not under -q)
+    import torch
+
     return (f"revglow tests: torch {torch.__version__}, cuda available: {torch.cuda.is_available()}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
