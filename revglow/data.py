@@ -204,15 +204,50 @@ def _check_image_size(name: str, image_size: Optional[int], shape: Tuple[int, in
 
 def load_digits() -> ImageData:
     """scikit-learn's 8x8 digits as uint8 [N, 1, 8, 8] (round(v * 255 / 16)), labels 0..9, fixed 80/20 split."""
+    grey, target = _digits_file() or _sklearn_digits()
+    images = np.round(grey.astype(np.float64) * 255.0 / 16.0).clip(0, 255).astype(np.uint8)
+    images = torch.from_numpy(images[:, None])
+    labels = torch.from_numpy(target.astype(np.int64))
+    return _split_tensors("digits", images, labels, DIGITS_TEST_FRACTION)
+
+
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as exc:
         raise DataError("--data digits needs scikit-learn (pip install scikit-learn)") from exc
     bunch = sklearn_digits()
-    images = np.round(bunch.images.astype(np.float64) * 255.0 / 16.0).clip(0, 255).astype(np.uint8)
-    images = torch.from_numpy(images[:, None])
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    return _split_tensors("digits", images, labels, DIGITS_TEST_FRACTION)
+    return bunch.images, bunch.target
+
+
+def _digits_file() -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The digits read straight from scikit-learn's installed sklearn/datasets/data/digits.csv.gz, as its
+    load_digits reads them (rows of 64 grey levels 0..16 and the label), without importing scikit-learn: that
+    import (it brings scipy) takes most of a second, on every start of `revglow train --data digits`.
+    None when the file is not there or not as expected; load_digits then asks scikit-learn itself."""
+    import gzip
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            try:
+                with gzip.open(path, "rt") as handle:
+                    data = np.loadtxt(handle, delimiter=",")
+            except (OSError, ValueError):
+                return None
+            if (data.ndim != 2 or data.shape[1] != 65 or not np.all(data == np.round(data))
+                    or data[:, :64].min() < 0 or data[:, :64].max() > 16
+                    or not set(np.unique(data[:, 64])) <= set(range(10))):
+                return None
+            return data[:, :64].reshape(-1, 8, 8), data[:, 64].astype(int)
+    return None
 
 
 def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
