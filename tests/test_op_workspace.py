@@ -13,6 +13,9 @@ from revglow.profile import LiveStorageTracker
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU's own peak needs /proc")
 conv = torch.ops.aten.convolution.default
 MiB = 2 ** 20
+# The kernel's resident-set counters are kept per thread and folded in every 64 page faults, so a peak read from
+# /proc is exact to a few hundred KiB: the shapes below make the columns 18 MiB, the output 1 MiB.
+RESOLUTION = 0.5 * MiB
 
 
 @contextlib.contextmanager
@@ -34,14 +37,14 @@ def _conv_args(n, c_in, c_out, k, size):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_the_fallback_convolution_grows_by_its_columns_and_its_output(k):
-    n, c_in, c_out, size = 4, 16, 16, 32
+    n, c_in, c_out, size = 8, 32, 16, 32
     args = _conv_args(n, c_in, c_out, k, size)
     with mkldnn_off():
         assert torch._C._select_conv_backend(*args[:9], None) == torch._C._ConvBackend.Slow2d
         grown = OpWorkspaces().measure(conv, args, {})
     output = n * c_out * size * size * 8
     columns = n * c_in * k * k * size * size * 8 if k > 1 else 0     # a 1x1 kernel reads its input as it is
-    assert grown == pytest.approx(output + columns, rel=0.03, abs=0.05 * MiB), (grown / MiB, (output + columns) / MiB)
+    assert abs(grown - (output + columns)) < RESOLUTION, (grown / MiB, (output + columns) / MiB)
 
 
 def test_a_signature_is_measured_once_and_another_shape_again():
@@ -56,7 +59,7 @@ def test_a_signature_is_measured_once_and_another_shape_again():
 
 
 def test_the_tracker_adds_an_ops_rise_while_it_runs_and_reports_the_hidden_part():
-    n, c_in, c_out, size = 4, 16, 16, 32
+    n, c_in, c_out, size = 8, 32, 16, 32
     x, w = _conv_args(n, c_in, c_out, 3, size)[:2]
     columns, output = n * c_in * 9 * size * size * 8, n * c_out * size * size * 8
     with mkldnn_off():
@@ -64,7 +67,7 @@ def test_the_tracker_adds_an_ops_rise_while_it_runs_and_reports_the_hidden_part(
             y = torch.nn.functional.conv2d(x, w, padding=1)
             z = y * 2                                                  # after the convolution: tensors only
     assert tracker.peak == 2 * output                                 # the tensors' count is unchanged
-    assert tracker.peak_with_workspace == pytest.approx(output + columns, rel=0.03)
+    assert abs(tracker.peak_with_workspace - (output + columns)) < RESOLUTION
     hidden, where = tracker.workspace_at_peak
-    assert hidden == pytest.approx(columns, rel=0.03) and "convolution" in where
+    assert abs(hidden - columns) < RESOLUTION and "convolution" in where
     assert z.shape == y.shape
