@@ -44,13 +44,13 @@ def _seed():
 # tests last, to even out the end. Only the order changes: every test runs, as before.
 LONG_TESTS = {
     "tests/test_compile.py": 9,
-    "tests/test_memory.py": 9,
-    "tests/test_profile.py": 9,
+    "tests/test_memory.py": 5,
+    "tests/test_profile.py": 10,
     "tests/test_ddp.py": 7,
     "tests/test_paper_scripts.py": 6,
     "tests/test_bench_ops.py": 6,
     "tests/test_signals.py": 5,
-    "tests/test_benchmarks.py": 5,
+    "tests/test_benchmarks.py": 6,
     "tests/test_model.py::test_memory_modes_match_autograd_in_float32_after_training": 5,
     "tests/test_compile_inductor.py": 4,
     "tests/test_engines_benchmark.py": 3,

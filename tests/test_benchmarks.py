@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from forked import forked
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -162,6 +164,7 @@ def test_headline_256_script(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident set needs /proc")
+@forked
 def test_conv_workspace_script(capsys):
     """The CPU convolutions use memory per sample that the tensors alone do not show, and that the count with each
     convolution's measured workspace does (what the script shows)."""
@@ -171,6 +174,7 @@ def test_conv_workspace_script(capsys):
     assert 0.9 < ratios["resident_over_with_workspace"] < 1.1
 
 
+@forked
 def test_count_vs_resident_measures_each_mode_in_process():
     """The script's measuring process, run here in-process on a tiny model (its ratios mean something only at the
     script's default size, which test_profile holds within 10%): one pair of finite ratios per mode asked for."""

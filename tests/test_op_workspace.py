@@ -10,6 +10,8 @@ import torch
 from revglow.op_workspace import OpWorkspaces
 from revglow.profile import LiveStorageTracker
 
+from forked import forked
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU's own peak needs /proc")
 conv = torch.ops.aten.convolution.default
 MiB = 2 ** 20
@@ -36,6 +38,7 @@ def _conv_args(n, c_in, c_out, k, size):
 
 
 @pytest.mark.parametrize("k", [1, 3])
+@forked
 def test_the_fallback_convolution_grows_by_its_columns_and_its_output(k):
     n, c_in, c_out, size = 8, 32, 16, 32
     args = _conv_args(n, c_in, c_out, k, size)
@@ -47,6 +50,7 @@ def test_the_fallback_convolution_grows_by_its_columns_and_its_output(k):
     assert abs(grown - (output + columns)) < RESOLUTION, (grown / MiB, (output + columns) / MiB)
 
 
+@forked
 def test_a_signature_is_measured_once_and_another_shape_again():
     workspaces = OpWorkspaces()
     with mkldnn_off():
@@ -58,6 +62,7 @@ def test_a_signature_is_measured_once_and_another_shape_again():
         OpWorkspaces(repeats=0)
 
 
+@forked
 def test_the_tracker_adds_an_ops_rise_while_it_runs_and_reports_the_hidden_part():
     n, c_in, c_out, size = 8, 32, 16, 32
     x, w = _conv_args(n, c_in, c_out, 3, size)[:2]

@@ -11,6 +11,8 @@ from revglow import AdditiveCoupling, GlowConfig, ReversibleSequence
 from revglow.cli import main
 from revglow.profile import LiveStorageTracker, parse_size, plan_batch, profile
 
+from forked import forked
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU's own peak needs /proc")
 SMALL = GlowConfig(image_shape=(3, 16, 16), levels=2, depth=2, hidden=32, kernels="torch")
 
@@ -29,6 +31,7 @@ def test_tracker_counts_what_is_allocated_and_freed_not_what_existed():
 
 
 @linux_only
+@forked
 @pytest.mark.parametrize("modes, batches", [(("reversible",), (16, 160)), (("checkpoint", "autograd"), (16, 112))])
 def test_the_count_with_workspaces_and_the_cpu_peak_agree_per_sample(modes, batches):
     """Memory per sample, counted op by op (tensors, plus each convolution's measured working buffers while it
@@ -61,6 +64,7 @@ def test_planned_batch_fits_and_a_fifth_more_does_not():
     assert fixed + over["activation_mib"] > budget
 
 
+@forked
 def test_json_report_of_every_mode(capsys):
     assert main(["profile", "--image-shape", "1", "8", "8", "--levels", "2", "--depth", "2", "--hidden", "8",
                  "--kernels", "torch", "--batch-sizes", "2", "4", "--rounds", "1", "--budget", "64MiB", "--json"]) == 0
@@ -96,6 +100,7 @@ def test_bad_requests_are_one_line_errors(capsys):
         plan_batch(10, 0, 0, 100, 0.05)
 
 
+@forked
 def test_a_preset_gives_the_model_and_flags_override_it(capsys):
     assert main(["profile", "--preset", "celeba256", "--depth", "1", "--hidden", "8", "--levels", "2", "--image-shape",
                  "1", "8", "8"]) == 1
