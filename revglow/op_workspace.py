@@ -52,13 +52,13 @@ class OpWorkspaces:
     (bytes, its new outputs included), or None where the device has no meter (see `revglow.device_peak`). Only for
     ops in `ops` (`func in workspaces`). `hidden(func, args, kwargs, out)`: the part of it beyond `out`'s storage.
 
-    Example:
-        >>> import torch.nn.functional as F
+    Example (not run as a doctest: on the CPU the measurement leaves glibc's thresholds low for the rest of the
+    process, see `revglow.device_peak.ResidentSet`; tests/test_op_workspace.py runs it in a forked child):
         >>> workspaces = OpWorkspaces()
         >>> x, w = torch.randn(16, 64, 16, 16), torch.randn(64, 64, 3, 3)
         >>> grown = workspaces.measure(torch.ops.aten.convolution.default, (x, w, None, [1, 1], [1, 1], [1, 1],
-        ...                                                                  False, [0, 0], 1), {})
-        >>> grown is None or grown >= 16 * 64 * 16 * 16 * 4      # at least the output
+        ...                                                                  False, [0, 0], 1), {})  # doctest: +SKIP
+        >>> grown >= 16 * 64 * 16 * 16 * 4      # at least the output  # doctest: +SKIP
         True
     """
 
