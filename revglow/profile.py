@@ -240,7 +240,7 @@ def _measure(work: _Workload, batch_size: int, device_peak: bool, top: int,
     out = {"batch": batch_size, **work.sizes()}
     meter = _device_peak(work.device) if device_peak else None
     if meter is not None:
-        gc.collect()                       # what earlier steps left in reference cycles is not this step's
+        gc.collect(1)                      # what the last steps left in reference cycles (young generations)
         with meter:
             work.step(batch)
         out["device_activation_mib"] = meter.peak / MiB
