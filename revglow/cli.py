@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile = commands.add_parser(
         "profile", help="memory and time of one training step per memory mode; the largest batch for a budget",
         description="Train one step of a Glow model in each memory mode and report parameters, gradients, Adam "
-                    "state, the step's peak memory above them (counted tensor by tensor, and as the device's own "
+                    "state, the step's peak memory above them (counted tensor by tensor; counted again with each "
+                    "convolution's working buffers, measured per call on the device; and as the device's own "
                     "peak), the tensors alive at the peak, step time, and with --budget the largest batch that fits. "
                     "Model flags default to GlowConfig's (the paper's CIFAR-10 model), or to --preset's.")
     profile.add_argument("--preset", choices=PRESET_NAMES, default=None,
