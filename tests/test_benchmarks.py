@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from forked import forked
+from pristine import in_pristine_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,12 +165,21 @@ def test_headline_256_script(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident set needs /proc")
-@forked
-def test_conv_workspace_script(capsys):
+def _conv_workspace_run():
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):    # ~35 MiB apart: clear of the resident set's few-MiB wander
+        ratios = _load("conv_workspace").main(["--size", "16", "--batches", "16", "128"])
+    return ratios, out.getvalue()
+
+
+def test_conv_workspace_script():
     """The CPU convolutions use memory per sample that the tensors alone do not show, and that the count with each
-    convolution's measured workspace does (what the script shows)."""
-    ratios = _load("conv_workspace").main(["--size", "16", "--batches", "16", "128"])  # ~35 MiB apart: clear of the
-    assert "per sample: counted" in capsys.readouterr().out                             # resident set's few-MiB wander
+    convolution's measured workspace does (what the script shows), measured in a process with a clean heap
+    (tests/pristine.py)."""
+    ratios, out = in_pristine_process(_conv_workspace_run)
+    assert "per sample: counted" in out
     assert ratios["resident_over_tensors"] > 1.2
     assert 0.9 < ratios["resident_over_with_workspace"] < 1.1
 

@@ -11,6 +11,7 @@ from revglow.op_workspace import OpWorkspaces
 from revglow.profile import LiveStorageTracker
 
 from forked import forked
+from pristine import in_pristine_process
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU's own peak needs /proc")
 conv = torch.ops.aten.convolution.default
@@ -37,14 +38,19 @@ def _conv_args(n, c_in, c_out, k, size):
     return (x, w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-@forked
-def test_the_fallback_convolution_grows_by_its_columns_and_its_output(k):
-    n, c_in, c_out, size = 8, 32, 16, 32
+def _fallback_growth(n, c_in, c_out, k, size):
     args = _conv_args(n, c_in, c_out, k, size)
     with mkldnn_off():
-        assert torch._C._select_conv_backend(*args[:9], None) == torch._C._ConvBackend.Slow2d
-        grown = OpWorkspaces().measure(conv, args, {})
+        backend = torch._C._select_conv_backend(*args[:9], None)
+        return backend == torch._C._ConvBackend.Slow2d, OpWorkspaces().measure(conv, args, {})
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_fallback_convolution_grows_by_its_columns_and_its_output(k):
+    """Measured in a process with a clean heap (tests/pristine.py)."""
+    n, c_in, c_out, size = 8, 32, 16, 32
+    slow2d, grown = in_pristine_process(_fallback_growth, n, c_in, c_out, k, size)
+    assert slow2d
     output = n * c_out * size * size * 8
     columns = n * c_in * k * k * size * size * 8 if k > 1 else 0     # a 1x1 kernel reads its input as it is
     assert abs(grown - (output + columns)) < RESOLUTION, (grown / MiB, (output + columns) / MiB)
@@ -62,17 +68,21 @@ def test_a_signature_is_measured_once_and_another_shape_again():
         OpWorkspaces(repeats=0)
 
 
-@forked
-def test_the_tracker_adds_an_ops_rise_while_it_runs_and_reports_the_hidden_part():
-    n, c_in, c_out, size = 8, 32, 16, 32
+def _tracked_convolution(n, c_in, c_out, size):
     x, w = _conv_args(n, c_in, c_out, 3, size)[:2]
-    columns, output = n * c_in * 9 * size * size * 8, n * c_out * size * size * 8
     with mkldnn_off():
         with LiveStorageTracker(workspaces=OpWorkspaces()) as tracker:
             y = torch.nn.functional.conv2d(x, w, padding=1)
             z = y * 2                                                  # after the convolution: tensors only
-    assert tracker.peak == 2 * output                                 # the tensors' count is unchanged
-    assert abs(tracker.peak_with_workspace - (output + columns)) < RESOLUTION
-    hidden, where = tracker.workspace_at_peak
-    assert abs(hidden - columns) < RESOLUTION and "convolution" in where
     assert z.shape == y.shape
+    return tracker.peak, tracker.peak_with_workspace, tracker.workspace_at_peak
+
+
+def test_the_tracker_adds_an_ops_rise_while_it_runs_and_reports_the_hidden_part():
+    """Measured in a process with a clean heap (tests/pristine.py)."""
+    n, c_in, c_out, size = 8, 32, 16, 32
+    columns, output = n * c_in * 9 * size * size * 8, n * c_out * size * size * 8
+    peak, peak_with_workspace, (hidden, where) = in_pristine_process(_tracked_convolution, n, c_in, c_out, size)
+    assert peak == 2 * output                                          # the tensors' count is unchanged
+    assert abs(peak_with_workspace - (output + columns)) < RESOLUTION
+    assert abs(hidden - columns) < RESOLUTION and "convolution" in where

@@ -12,6 +12,7 @@ from revglow.cli import main
 from revglow.profile import LiveStorageTracker, parse_size, plan_batch, profile
 
 from forked import forked
+from pristine import in_pristine_process
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU's own peak needs /proc")
 SMALL = GlowConfig(image_shape=(3, 16, 16), levels=2, depth=2, hidden=32, kernels="torch")
@@ -30,8 +31,12 @@ def test_tracker_counts_what_is_allocated_and_freed_not_what_existed():
     assert "cat" in tracker.at_peak[0][1] and tracker.at_peak[0][0] == 512 * 1024
 
 
+def _profile_rows(modes, batches):
+    cfg = GlowConfig(image_shape=(3, 32, 32), levels=1, depth=1, hidden=64, kernels="torch")   # one step: the
+    return profile(cfg, batch_sizes=batches, modes=modes, rounds=0)          # modes' peaks differ already
+
+
 @linux_only
-@forked
 @pytest.mark.parametrize("modes, batches", [(("reversible",), (16, 160)), (("checkpoint", "autograd"), (16, 112))])
 def test_the_count_with_workspaces_and_the_cpu_peak_agree_per_sample(modes, batches):
     """Memory per sample, counted op by op (tensors, plus each convolution's measured working buffers while it
@@ -39,9 +44,8 @@ def test_the_count_with_workspaces_and_the_cpu_peak_agree_per_sample(modes, batc
     constant few MiB of other memory cancel out). The resident set wanders by a MiB or two from one process to
     the next, so the two batches are 30 to 50 MiB apart (96 samples, 144 in the leaner reversible mode): 48 apart
     left it ±8%. Without the workspaces the reversible count falls a third short (the resident set over it was
-    1.5), which the last line holds."""
-    cfg = GlowConfig(image_shape=(3, 32, 32), levels=1, depth=1, hidden=64, kernels="torch")   # one step: the
-    rows = profile(cfg, batch_sizes=batches, modes=modes, rounds=0)          # modes' peaks differ already
+    1.5), which the last line holds. Measured in a process with a clean heap (tests/pristine.py)."""
+    rows = in_pristine_process(_profile_rows, modes, batches)
     for row in rows:
         ratio = row["device_activation_mib_per_sample"] / row["activation_with_workspace_mib_per_sample"]
         assert 0.9 < ratio < 1.1, (row["mode"], ratio)
