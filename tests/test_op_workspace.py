@@ -38,22 +38,41 @@ def _conv_args(n, c_in, c_out, k, size):
     return (x, w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1)
 
 
-def _fallback_growth(n, c_in, c_out, k, size):
-    args = _conv_args(n, c_in, c_out, k, size)
+N, C_IN, C_OUT, SIZE = 8, 32, 16, 32
+OUTPUT = N * C_OUT * SIZE * SIZE * 8
+
+
+def _measurements():
+    """Every number these tests check, measured in one fresh process with a clean heap (tests/pristine.py)."""
+    out = {}
     with mkldnn_off():
-        backend = torch._C._select_conv_backend(*args[:9], None)
-        return backend == torch._C._ConvBackend.Slow2d, OpWorkspaces().measure(conv, args, {})
+        for k in (1, 3):
+            args = _conv_args(N, C_IN, C_OUT, k, SIZE)
+            out[k] = (torch._C._select_conv_backend(*args[:9], None) == torch._C._ConvBackend.Slow2d,
+                      OpWorkspaces().measure(conv, args, {}))
+        x, w = _conv_args(N, C_IN, C_OUT, 3, SIZE)[:2]
+        with LiveStorageTracker(workspaces=OpWorkspaces()) as tracker:
+            y = torch.nn.functional.conv2d(x, w, padding=1)
+            z = y * 2                                                  # after the convolution: tensors only
+    assert z.shape == y.shape
+    out["tracker"] = (tracker.peak, tracker.peak_with_workspace, tracker.workspace_at_peak)
+    return out
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_the_fallback_convolution_grows_by_its_columns_and_its_output(k):
-    """Measured in a process with a clean heap (tests/pristine.py)."""
-    n, c_in, c_out, size = 8, 32, 16, 32
-    slow2d, grown = in_pristine_process(_fallback_growth, n, c_in, c_out, k, size)
-    assert slow2d
-    output = n * c_out * size * size * 8
-    columns = n * c_in * k * k * size * size * 8 if k > 1 else 0     # a 1x1 kernel reads its input as it is
-    assert abs(grown - (output + columns)) < RESOLUTION, (grown / MiB, (output + columns) / MiB)
+def test_the_fallback_convolution_grows_by_its_columns_and_its_output_and_the_tracker_adds_that_rise():
+    """One test for every number, measured in one fresh process (pytest-xdist cannot split it over two)."""
+    measured = in_pristine_process(_measurements)
+    for k in (1, 3):
+        slow2d, grown = measured[k]
+        assert slow2d
+        columns = N * C_IN * k * k * SIZE * SIZE * 8 if k > 1 else 0     # a 1x1 kernel reads its input as it is
+        assert abs(grown - (OUTPUT + columns)) < RESOLUTION, (k, grown / MiB, (OUTPUT + columns) / MiB)
+    # the tracker: the tensors' count unchanged, the convolution's rise added while it ran, its hidden part named
+    columns = N * C_IN * 9 * SIZE * SIZE * 8
+    peak, peak_with_workspace, (hidden, where) = measured["tracker"]
+    assert peak == 2 * OUTPUT
+    assert abs(peak_with_workspace - (OUTPUT + columns)) < RESOLUTION
+    assert abs(hidden - columns) < RESOLUTION and "convolution" in where
 
 
 @forked
@@ -66,23 +85,3 @@ def test_a_signature_is_measured_once_and_another_shape_again():
     assert len(workspaces) == 2
     with pytest.raises(ValueError, match="repeats"):
         OpWorkspaces(repeats=0)
-
-
-def _tracked_convolution(n, c_in, c_out, size):
-    x, w = _conv_args(n, c_in, c_out, 3, size)[:2]
-    with mkldnn_off():
-        with LiveStorageTracker(workspaces=OpWorkspaces()) as tracker:
-            y = torch.nn.functional.conv2d(x, w, padding=1)
-            z = y * 2                                                  # after the convolution: tensors only
-    assert z.shape == y.shape
-    return tracker.peak, tracker.peak_with_workspace, tracker.workspace_at_peak
-
-
-def test_the_tracker_adds_an_ops_rise_while_it_runs_and_reports_the_hidden_part():
-    """Measured in a process with a clean heap (tests/pristine.py)."""
-    n, c_in, c_out, size = 8, 32, 16, 32
-    columns, output = n * c_in * 9 * size * size * 8, n * c_out * size * size * 8
-    peak, peak_with_workspace, (hidden, where) = in_pristine_process(_tracked_convolution, n, c_in, c_out, size)
-    assert peak == 2 * output                                          # the tensors' count is unchanged
-    assert abs(peak_with_workspace - (output + columns)) < RESOLUTION
-    assert abs(hidden - columns) < RESOLUTION and "convolution" in where

@@ -31,27 +31,34 @@ def test_tracker_counts_what_is_allocated_and_freed_not_what_existed():
     assert "cat" in tracker.at_peak[0][1] and tracker.at_peak[0][0] == 512 * 1024
 
 
-def _profile_rows(modes, batches):
+AGREEMENT_CASES = {"reversible": (("reversible",), (16, 160)), "checkpoint+autograd": (("checkpoint", "autograd"),
+                                                                                    (16, 112))}
+
+
+def _profile_rows_of_every_case():
     cfg = GlowConfig(image_shape=(3, 32, 32), levels=1, depth=1, hidden=64, kernels="torch")   # one step: the
-    return profile(cfg, batch_sizes=batches, modes=modes, rounds=0)          # modes' peaks differ already
+    return {case: profile(cfg, batch_sizes=batches, modes=modes, rounds=0)    # modes' peaks differ already
+            for case, (modes, batches) in AGREEMENT_CASES.items()}
 
 
 @linux_only
-@pytest.mark.parametrize("modes, batches", [(("reversible",), (16, 160)), (("checkpoint", "autograd"), (16, 112))])
-def test_the_count_with_workspaces_and_the_cpu_peak_agree_per_sample(modes, batches):
+def test_the_count_with_workspaces_and_the_cpu_peak_agree_per_sample():
     """Memory per sample, counted op by op (tensors, plus each convolution's measured working buffers while it
     runs) and measured as the process's peak resident set, within 10% in every mode (per sample: a process's
     constant few MiB of other memory cancel out). The resident set wanders by a MiB or two from one process to
     the next, so the two batches are 30 to 50 MiB apart (96 samples, 144 in the leaner reversible mode): 48 apart
     left it ±8%. Without the workspaces the reversible count falls a third short (the resident set over it was
-    1.5), which the last line holds. Measured in a process with a clean heap (tests/pristine.py)."""
-    rows = in_pristine_process(_profile_rows, modes, batches)
-    for row in rows:
-        ratio = row["device_activation_mib_per_sample"] / row["activation_with_workspace_mib_per_sample"]
-        assert 0.9 < ratio < 1.1, (row["mode"], ratio)
-        assert row["activation_with_workspace_mib"] >= row["activation_mib"]
-    if modes == ("reversible",):
-        assert rows[0]["device_activation_mib_per_sample"] > 1.2 * rows[0]["activation_mib_per_sample"]
+    1.5), which the last line holds. Both cases in one fresh process with a clean heap (tests/pristine.py), and
+    in one test, so that pytest-xdist cannot split them over two processes."""
+    rows_of = in_pristine_process(_profile_rows_of_every_case)
+    for case, rows in rows_of.items():
+        assert [row["mode"] for row in rows] == list(AGREEMENT_CASES[case][0])
+        for row in rows:
+            ratio = row["device_activation_mib_per_sample"] / row["activation_with_workspace_mib_per_sample"]
+            assert 0.9 < ratio < 1.1, (row["mode"], ratio)
+            assert row["activation_with_workspace_mib"] >= row["activation_mib"]
+    reversible, = rows_of["reversible"]
+    assert reversible["device_activation_mib_per_sample"] > 1.2 * reversible["activation_mib_per_sample"]
 
 
 def test_planned_batch_fits_and_a_fifth_more_does_not():
