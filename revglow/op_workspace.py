@@ -35,22 +35,11 @@ def _signature(func, args, kwargs) -> Tuple:
     return tuple(parts)
 
 
-def _new_storage_bytes(out, args, kwargs) -> int:
-    inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-    seen, total = set(), 0
-    for t in tree_leaves(out):
-        if isinstance(t, torch.Tensor):
-            key = id(t.untyped_storage())
-            if key not in inputs and key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    return total
-
-
 class OpWorkspaces:
     """`measure(func, args, kwargs)`: how far the device's memory rises while `func` runs on inputs like these
     (bytes, its new outputs included), or None where the device has no meter (see `revglow.device_peak`). Only for
-    ops in `ops` (`func in workspaces`). `hidden(func, args, kwargs, out)`: the part of it beyond `out`'s storage.
+    ops in `ops` (`func in workspaces`); the part of it beyond the op's outputs is what LiveStorageTracker reports
+    as the op's workspace.
 
     Example (not run as a doctest: on the CPU the measurement leaves glibc's thresholds low for the rest of the
     process, see `revglow.device_peak.ResidentSet`; tests/test_op_workspace.py runs it in a forked child):
@@ -95,7 +84,3 @@ class OpWorkspaces:
             growths.append(meter.peak)
             del out
         return max(0, int(min(growths[1:])))
-
-    def hidden(self, func, args, kwargs, out) -> Optional[int]:
-        grown = self.measure(func, args, kwargs)
-        return None if grown is None else max(0, grown - _new_storage_bytes(out, args, kwargs))

@@ -130,7 +130,8 @@ class LiveStorageTracker(TorchDispatchMode):
                 self._track(t, func, inputs)
         if grown and before + grown > self.peak_with_workspace:   # the op's own rise, outputs included
             self.peak_with_workspace = before + grown
-            self.workspace_at_peak = (self.workspaces.hidden(func, args, kwargs, out),
+            new_outputs = self.current - before   # what _track just counted of the op's outputs
+            self.workspace_at_peak = (max(0, grown - new_outputs),
                                       f"{getattr(func, '__name__', func)} in {self._where()}")
         return out
 
