@@ -226,6 +226,64 @@ def _digits_file() -> Optional[Tuple[np.ndarray, np.ndarray]]:
     import (it brings scipy) takes most of a second, on every start of `revglow train --data digits`.
     None when the file is not there or not as expected; load_digits then asks scikit-learn itself."""
     import gzip
+
+    folder = _sklearn_folder("datasets", "data")
+    path = folder / "digits.csv.gz" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        with gzip.open(path, "rt") as handle:
+            data = np.loadtxt(handle, delimiter=",")
+    except (OSError, ValueError):
+        return None
+    if (data.ndim != 2 or data.shape[1] != 65 or not np.all(data == np.round(data))
+            or data[:, :64].min() < 0 or data[:, :64].max() > 16
+            or not set(np.unique(data[:, 64])) <= set(range(10))):
+        return None
+    return data[:, :64].reshape(-1, 8, 8), data[:, 64].astype(int)
+
+
+PHOTO_NAMES = ("china", "flower")   # sklearn/datasets/images/<name>.jpg, in load_sample_images' (sorted) order
+
+
+def _sklearn_photos() -> List[np.ndarray]:
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as exc:
+        raise DataError("--data photos needs scikit-learn (pip install scikit-learn)") from exc
+    try:
+        return load_sample_images().images           # decoding the JPEGs needs Pillow
+    except ImportError as exc:
+        raise DataError("--data photos needs Pillow to decode the photographs (pip install Pillow)") from exc
+
+
+def _photo_files() -> Optional[List[np.ndarray]]:
+    """The two photographs decoded straight from scikit-learn's installed sklearn/datasets/images/, with Pillow, as
+    its load_sample_images decodes them, without importing scikit-learn (most of two seconds, with scipy). None
+    when a file is missing, Pillow is not installed or a file is not an RGB image; load_photos then asks
+    scikit-learn itself (which says what is missing)."""
+    folder = _sklearn_folder("datasets", "images")
+    if folder is None:
+        return None
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    photos = []
+    for name in PHOTO_NAMES:
+        try:
+            with Image.open(folder / f"{name}.jpg") as image:
+                photo = np.asarray(image)
+        except (OSError, ValueError):
+            return None
+        if photo.ndim != 3 or photo.shape[2] != 3 or photo.dtype != np.uint8:
+            return None
+        photos.append(photo)
+    return photos
+
+
+def _sklearn_folder(*parts: str) -> Optional[Path]:
+    """sklearn/<parts> of the installed scikit-learn, found without importing it; None if there is none."""
     import importlib.util
 
     try:
@@ -235,18 +293,9 @@ def _digits_file() -> Optional[Tuple[np.ndarray, np.ndarray]]:
     if spec is None or not spec.submodule_search_locations:
         return None
     for folder in spec.submodule_search_locations:
-        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            try:
-                with gzip.open(path, "rt") as handle:
-                    data = np.loadtxt(handle, delimiter=",")
-            except (OSError, ValueError):
-                return None
-            if (data.ndim != 2 or data.shape[1] != 65 or not np.all(data == np.round(data))
-                    or data[:, :64].min() < 0 or data[:, :64].max() > 16
-                    or not set(np.unique(data[:, 64])) <= set(range(10))):
-                return None
-            return data[:, :64].reshape(-1, 8, 8), data[:, 64].astype(int)
+        path = Path(folder).joinpath(*parts)
+        if path.is_dir():
+            return path
     return None
 
 
@@ -460,23 +509,17 @@ def _photo_crops(photo: np.ndarray, size: int, count: int, columns: Tuple[int, i
     """`count` crops [count, 3, size, size] of `photo` [H, W, 3] whose columns lie in [columns[0], columns[1])."""
     tops = rng.integers(0, photo.shape[0] - size + 1, count)
     lefts = rng.integers(columns[0], columns[1] - size + 1, count)
-    crops = np.stack([photo[t:t + size, left:left + size] for t, left in zip(tops, lefts)])
-    return np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
+    # windows[t, l] is the crop at (t, l), already [3, size, size]: one gather instead of a Python loop per crop
+    windows = np.lib.stride_tricks.sliding_window_view(photo, (size, size), axis=(0, 1))
+    return np.ascontiguousarray(windows[tops, lefts])
 
 
 def load_photos(image_size: Optional[int] = None) -> ImageData:
     """Crops of scikit-learn's two sample photographs (see the module docstring), uint8 [N, 3, s, s]."""
-    try:
-        from sklearn.datasets import load_sample_images
-    except ImportError as exc:
-        raise DataError("--data photos needs scikit-learn (pip install scikit-learn)") from exc
     size = PHOTOS_DEFAULT_SIZE if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int):
         raise DataError(f"--data photos: --image-size must be an int; got {size!r}")
-    try:
-        photos = load_sample_images().images           # decoding the JPEGs needs Pillow
-    except ImportError as exc:
-        raise DataError("--data photos needs Pillow to decode the photographs (pip install Pillow)") from exc
+    photos = _photo_files() or _sklearn_photos()
     height, width = photos[0].shape[:2]
     test_width = max(width // 4, size)
     if size < 2 or size > min(height, width - test_width):
@@ -493,7 +536,7 @@ def load_photos(image_size: Optional[int] = None) -> ImageData:
     labels = torch.tensor(train_labels + test_labels)
     return _make_data("photos", TensorImageDataset(torch.from_numpy(np.concatenate(train)), torch.tensor(train_labels)),
                       TensorImageDataset(torch.from_numpy(np.concatenate(test)), torch.tensor(test_labels)),
-                      (3, size, size), labels, ("china", "flower"))
+                      (3, size, size), labels, PHOTO_NAMES)
 
 
 def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int] = None,
