@@ -44,19 +44,27 @@ def _seed():
 # tests last, to even out the end. Only the order changes: every test runs, as before.
 LONG_TESTS = {
     "tests/test_compile.py": 9,
-    "tests/test_memory.py": 5,
-    "tests/test_profile.py": 10,
-    "tests/test_ddp.py": 7,
-    "tests/test_paper_scripts.py": 6,
+    "tests/test_ddp.py": 6,
     "tests/test_bench_ops.py": 6,
-    "tests/test_signals.py": 5,
-    "tests/test_benchmarks.py": 6,
+    "tests/test_profile.py": 6,
     "tests/test_model.py::test_memory_modes_match_autograd_in_float32_after_training": 5,
-    "tests/test_compile_inductor.py": 4,
+    "tests/test_paper_scripts.py": 5,
+    "tests/test_signals.py": 5,
+    "tests/test_memory.py": 4,
+    "tests/test_benchmarks.py": 4,
+    "tests/test_compile_inductor.py": 3,
     "tests/test_engines_benchmark.py": 3,
-    "tests/test_class_head.py::test_the_trainer_adds_weight_y_times_the_class_bits_and_evaluates_the_head": 2,
     "tests/test_kernels_compile.py": 2,
+    "tests/test_class_head.py::test_the_trainer_adds_weight_y_times_the_class_bits_and_evaluates_the_head": 2,
+    "tests/test_op_workspace.py": 2,
 }
+
+# Long tests that share a cost each pytest process pays once, so they go to the same worker: the fresh-heap
+# measurements share one zygote interpreter (tests/pristine.py), the compile tests dynamo's first compile.
+SAME_WORKER = (
+    ("tests/test_profile.py", "tests/test_benchmarks.py", "tests/test_op_workspace.py"),
+    ("tests/test_compile.py", "tests/test_compile_inductor.py"),
+)
 
 
 def _long_key(nodeid: str):
@@ -69,10 +77,17 @@ def _long_key(nodeid: str):
 
 def pytest_collection_modifyitems(config, items):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # the same in every worker: same order
-    groups, short = {}, []
+    together = {key: family[0] for family in SAME_WORKER for key in family}
+    groups, keys_of, short = {}, {}, []
     for item in items:
         key = _long_key(item.nodeid)
-        (groups.setdefault(key, []) if key else short).append(item)
+        if key is None:
+            short.append(item)
+            continue
+        family = together.get(key, key)
+        groups.setdefault(family, []).append(item)
+        keys_of.setdefault(family, set()).add(key)
+    seconds = {family: sum(LONG_TESTS[key] for key in keys) for family, keys in keys_of.items()}
     # The shares worksteal sends at the start: the first of k workers gets n // k tests, the next a
     # (k - 1)-th of the rest, and so on (xdist/scheduler/worksteal.py, check_schedule).
     sizes, left = [], len(items)
@@ -81,11 +96,11 @@ def pytest_collection_modifyitems(config, items):
         left -= sizes[-1]
     shares = [[] for _ in sizes]
     load = [0.0] * len(sizes)
-    for key in sorted(groups, key=lambda k: -LONG_TESTS[k]):   # longest first, each to the least loaded share
+    for key in sorted(groups, key=lambda k: -seconds[k]):   # longest first, each to the least loaded share
         fits = [i for i in range(len(shares)) if len(shares[i]) + len(groups[key]) <= sizes[i]] or [0]
         i = min(fits, key=lambda i: load[i])
         shares[i].extend(groups[key])
-        load[i] += LONG_TESTS[key]
+        load[i] += seconds[key]
     short_left = iter(short)
     ordered = []
     for share, size in zip(shares, sizes):
