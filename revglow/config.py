@@ -250,6 +250,8 @@ class TrainConfig:
     tensorboard: bool = option(False, "also write TensorBoard events to OUT/tensorboard (scalars and sample grids)")
     workers: int = option(0, "DataLoader worker processes")
     eval_every: int = option(500, "steps between test evaluations (0: only at the end)")
+    eval_batch_size: Optional[int] = option(None, "images per evaluation batch: evaluation keeps no activations for a "
+                                            "backward pass, so it may exceed --batch-size (default: --batch-size)")
     sample_every: int = option(500, "steps between sample grids (0: only at the end)")
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)")
     keep: int = option(3, "how many checkpoint-STEP.pt files to keep")
@@ -268,7 +270,7 @@ class TrainConfig:
             check_int("TrainConfig", name, getattr(self, name), 1)
         for name in ("workers", "eval_every", "sample_every", "checkpoint_every", "keep", "seed"):
             check_int("TrainConfig", name, getattr(self, name), 0)
-        for name in ("max_steps", "epochs", "image_size", "init_batch_size"):
+        for name in ("max_steps", "epochs", "image_size", "init_batch_size", "eval_batch_size"):
             if getattr(self, name) is not None:
                 check_int("TrainConfig", name, getattr(self, name), 1)
         if self.warmup is not None:

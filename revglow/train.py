@@ -396,6 +396,10 @@ class Trainer:
             test = torch.utils.data.Subset(test, list(range(self.dist.rank, len(test), self.dist.world_size)))
         return test
 
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size or self.config.batch_size
+
     def evaluate(self, draws: int = 1, use_ema: bool = True) -> torch.Tensor:
         """Per-image test bits/dim (EMA weights when on and `use_ema`, else the raw weights); under
         torch.distributed each rank does a share. Both weights see the same dequantization noise."""
@@ -404,7 +408,7 @@ class Trainer:
             local = torch.empty(0, dtype=torch.float64)
         else:
             with self._eval_context(use_ema) as model:
-                local = evaluate_bits_per_dim(model, test, self.config.batch_size, self.device, draws=draws,
+                local = evaluate_bits_per_dim(model, test, self.eval_batch_size, self.device, draws=draws,
                                               seed=self.config.seed + self.dist.rank, workers=self.config.workers)
         self.last_eval = torch.cat(self.dist.all_gather_object(local)) if self.dist.enabled else local
         return self.last_eval
@@ -418,7 +422,7 @@ class Trainer:
         bits, correct = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
         if len(test):
             with self._eval_context() as model:
-                bits, correct = evaluate_class_head(model, test, self.config.batch_size, self.device,
+                bits, correct = evaluate_class_head(model, test, self.eval_batch_size, self.device,
                                                     self.config.workers)
         if self.dist.enabled:
             bits, correct = (torch.cat(parts) for parts in zip(*self.dist.all_gather_object((bits, correct))))

@@ -132,7 +132,7 @@ def _train(tmp_path, name, **options):
     from revglow.data import load_dataset
     from revglow.train import TrainConfig, Trainer
 
-    config = TrainConfig(batch_size=32, warmup=2, lr=3e-3, ema=None, eval_every=0, sample_every=0,
+    config = TrainConfig(batch_size=32, eval_batch_size=512, warmup=2, lr=3e-3, ema=None, eval_every=0, sample_every=0,
                          checkpoint_every=0, n_samples=10, progress=False, out=str(tmp_path / name), **options)
     glow = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16, num_classes=10, kernels="torch")
     trainer = Trainer(glow, config, data=load_dataset("digits"))

@@ -9,7 +9,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(ROOT, "benchmarks", "paper")
-TINY = ["--steps", "2", "--eval-every", "1", "--seeds", "0", "--hidden", "4", "--batch-size", "8"]
+TINY = ["--steps", "2", "--eval-every", "1", "--seeds", "0", "--hidden", "4", "--batch-size", "8", "--eval-batch-size",
+        "512"]
 
 
 @pytest.fixture(autouse=True)

@@ -96,7 +96,8 @@ def test_cli_print_config_merges_flags_without_reading_data(tmp_path, capsys, mo
 def test_cli_preset_trains_and_refuses_data_of_another_shape(tmp_path, capsys):
     out = tmp_path / "digits"
     assert main(["train", "--preset", "digits", "--max-steps", "2", "--depth", "1", "--hidden", "8",
-                 "--batch-size", "8", "--n-samples", "4", "--no-progress", "--out", str(out)]) == 0
+                 "--batch-size", "8", "--eval-batch-size", "512", "--n-samples", "4", "--no-progress",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "adam lr=0.003" in printed and "raw weights" in printed
     saved = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

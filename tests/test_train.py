@@ -50,6 +50,22 @@ def test_checkpoint_contents_and_rotation(tmp_path, digits):
     assert result.test_images == len(digits.test) and result.baseline_bpd > 0
 
 
+def test_the_evaluation_batch_changes_no_number(tmp_path, digits):
+    """Evaluation runs at --eval-batch-size (default: the training batch), and each image's bits/dim do not depend
+    on it: the dequantization noise is one generator stream drawn in image order, and no layer mixes the images
+    of a batch. 7 does not divide the 360 test images, so the last batch is a short one."""
+    trainer = Trainer(TINY, quick_config(tmp_path / "a", max_steps=1, batch_size=7, eval_batch_size=None), data=digits)
+    assert trainer.eval_batch_size == 7
+    trainer.run()
+    by_seven = trainer.evaluate()
+    trainer.config.eval_batch_size = 512
+    assert trainer.eval_batch_size == 512
+    at_once = trainer.evaluate()
+    assert by_seven.shape == at_once.shape == (len(digits.test),)
+    torch.testing.assert_close(by_seven, at_once, rtol=1e-5, atol=0)
+    assert not torch.equal(at_once[:7], at_once[7:14])      # the images got noise and bits of their own
+
+
 def test_nonfinite_loss_is_skipped_then_stops(tmp_path, digits, monkeypatch):
     trainer = Trainer(TINY, quick_config(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3), data=digits)
     real_forward = Glow.forward

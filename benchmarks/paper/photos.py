@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     runs.start(args)
     model = ["--data", "photos", "--image-size", str(args.image_size), "--levels", str(args.levels), "--depth",
              str(args.depth), "--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--memory",
-             args.memory]
+             args.memory, *runs.eval_batch_flags(args)]
     seed = args.seeds[0]
     with tempfile.TemporaryDirectory(prefix="revglow-paper-photos-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp) / "photos"

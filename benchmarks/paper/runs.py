@@ -73,6 +73,8 @@ def add_budget_flags(parser: argparse.ArgumentParser, *, results: str, plot: str
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
     parser.add_argument("--eval-every", type=int, default=eval_every, help="steps between test evaluations")
+    parser.add_argument("--eval-batch-size", type=int, default=None,
+                        help="images per evaluation batch (default: --batch-size)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     parser.add_argument("--memory", default="autograd", choices=["reversible", "checkpoint", "autograd"],
                         help="equal gradients in every mode; autograd is the fastest for small models on a CPU")
@@ -163,7 +165,13 @@ def model_flags(args: argparse.Namespace, data: str = "digits", depth: bool = Tr
     flags = ["--data", data, "--levels", str(args.levels)]
     if depth:
         flags += ["--depth", str(args.depth)]
-    return flags + ["--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory]
+    return flags + ["--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory,
+                    *eval_batch_flags(args)]
+
+
+def eval_batch_flags(args: argparse.Namespace) -> List[str]:
+    """--eval-batch-size when a script was given one (else revglow's default, the training batch)."""
+    return [] if args.eval_batch_size is None else ["--eval-batch-size", str(args.eval_batch_size)]
 
 
 def save_figure(fig, path: str) -> None:
