@@ -4,6 +4,7 @@ Tests run on the CPU in float64 unless they say otherwise. Kernel tests choose t
 environment variable REVGLOW_TEST_DEVICE ("cpu" or "cuda"; default: cuda when available), so the same
 tests run unchanged on a GPU.
 """
+import itertools
 import os
 
 import pytest
@@ -105,7 +106,7 @@ def pytest_collection_modifyitems(config, items):
     ordered = []
     for share, size in zip(shares, sizes):
         ordered.extend(share)
-        ordered.extend(next(short_left) for _ in range(size - len(share)))
+        ordered.extend(itertools.islice(short_left, max(0, size - len(share))))   # (a small selection may run out)
     ordered.extend(short_left)
     assert sorted(map(id, ordered)) == sorted(map(id, items))
     items[:] = ordered

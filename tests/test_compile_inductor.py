@@ -1,6 +1,6 @@
 """torch.compile's default backend (inductor) lowers the edge-padded convolution with dynamic shapes.
 
-The rest of the compile tests trace with "aot_eager", which does not lower; inductor once failed on the padded
+The rest of the compile tests trace with the "eager" backend, which does not lower; inductor once failed on the padded
 concatenation as soon as a second shape made the sizes dynamic ("ValueRangeError: Invalid ranges [0:-1]").
 One small function is compiled here (a few seconds of C++ compilation) rather than a whole model.
 """

@@ -7,7 +7,7 @@ module instance (which is what hits the recompile limit when a whole Glow is com
 "automatic dynamic": a unit compiles for the first shape it sees, and a second shape recompiles it once with
 dynamic sizes, which then serves every level and batch size.
 
-REVGLOW_COMPILE_BACKEND picks the torch.compile backend (default "inductor"; the tests use "aot_eager", which
+REVGLOW_COMPILE_BACKEND picks the torch.compile backend (default "inductor"; the tests use "eager", which
 traces the same graphs without generating code).
 """
 from __future__ import annotations
