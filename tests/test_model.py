@@ -75,16 +75,24 @@ def test_memory_modes_match_autograd_in_float64(memory):
     _assert_same_training_step(model, reference, x, loss_tol=1e-12, grad_tol=1e-9)
 
 
-def _assert_same_training_step(model, reference, x, loss_tol, grad_tol, seed=5):
+def _training_step(model, x, seed=5):
+    """One loss + backward on x with the dequantization noise of `seed`: the loss and the flat gradients."""
+    torch.manual_seed(seed)
+    loss = model(x).mean()
+    loss.backward()
+    return loss.detach(), flat_grads(model)
+
+
+def _assert_same_training_step(model, reference, x, loss_tol, grad_tol):
     """One loss + backward of each model on the same data and dequantization noise: same loss and gradients."""
-    losses = []
-    for m in (reference, model):
-        torch.manual_seed(seed)
-        loss = m(x).mean()
-        loss.backward()
-        losses.append(loss)
-    assert rel_err(losses[1], losses[0]) < loss_tol
-    assert rel_err(flat_grads(model), flat_grads(reference)) < grad_tol
+    _assert_step_matches(model, x, _training_step(reference, x), loss_tol, grad_tol)
+
+
+def _assert_step_matches(model, x, reference_step, loss_tol, grad_tol):
+    loss, grads = _training_step(model, x)
+    reference_loss, reference_grads = reference_step
+    assert rel_err(loss, reference_loss) < loss_tol
+    assert rel_err(grads, reference_grads) < grad_tol
 
 
 # The coupling network before the reference implementation's options (what checkpoints without them hold).
@@ -93,8 +101,9 @@ PLAIN_NETWORK = dict(nn_actnorm=False, edge_padding=False, zero_logscale_factor=
 
 @pytest.fixture(scope="module")
 def trained_float32_glow():
-    """(config, trained weights, data) of the float32 test below, per network: the autograd model and its three
-    Adam steps, trained once for both memory modes (the same seed gives the same weights for each)."""
+    """(config, trained weights, data, the autograd model's loss and gradients there) of the float32 test below,
+    per network: the autograd model, its three Adam steps and its step at the trained weights, once for both
+    memory modes."""
     cache = {}
 
     def trained(network, shape):
@@ -109,7 +118,9 @@ def trained_float32_glow():
                 opt.zero_grad()
                 reference(data).mean().backward()
                 opt.step()
-            cache[network, shape] = cfg, {k: v.clone() for k, v in reference.state_dict().items()}, data
+            weights = {k: v.clone() for k, v in reference.state_dict().items()}
+            reference.zero_grad(set_to_none=True)
+            cache[network, shape] = cfg, weights, data, _training_step(reference, data)
         return cache[network, shape]
 
     return trained
@@ -122,11 +133,10 @@ def test_memory_modes_match_autograd_in_float32_after_training(memory, network, 
     top level, (3, 8, 8), three Adam steps on noise take either network to thousands of bits/dim; the reference
     network's ActNorms, initialized on 8 values per channel there, then leave it non-invertible in float32, so
     it is checked at 16x16, where it trains sanely.)"""
-    cfg, weights, data = trained_float32_glow(network, shape)
-    reference, model = Glow(cfg), Glow(dataclasses.replace(cfg, memory=memory))
-    reference.load_state_dict(weights)
+    cfg, weights, data, reference_step = trained_float32_glow(network, shape)
+    model = Glow(dataclasses.replace(cfg, memory=memory))
     model.load_state_dict(weights)
-    _assert_same_training_step(model, reference, data, loss_tol=1e-6, grad_tol=1e-4)
+    _assert_step_matches(model, data, reference_step, loss_tol=1e-6, grad_tol=1e-4)
 
 
 def test_every_parameter_gets_a_gradient():
