@@ -38,7 +38,7 @@ from .augment import random_shift
 from .baseline import PixelCategoricalBaseline
 from .checkpoint import (capture_rng_state, link_or_copy_atomic, load_checkpoint, prune_step_checkpoints,
                          restore_rng_state, save_checkpoint, step_checkpoint_path)
-from .config import AMP_MODES, DEFAULT_MAX_STEPS, MAX_SEED, GlowConfig, TrainConfig, override_train_options
+from .config import AMP_MODES, DEFAULT_MAX_STEPS, GlowConfig, TrainConfig, override_train_options
 from .data import ImageData, load_dataset, stack_images
 from .distributed import DistributedContext
 from .errors import ConfigError, RevglowError
@@ -46,7 +46,7 @@ from .ema import ExponentialMovingAverage
 from .evaluation import evaluate_bits_per_dim, evaluate_class_head, load_model, sample_labels, standard_error
 from .images import make_grid, save_grid
 from .layers.actnorm import DegenerateInitError
-from .metrics import METRICS_NAME, MetricsLog, NoMetrics, peak_memory_mb
+from .metrics import MetricsLog, NoMetrics, peak_memory_mb
 from .model import Glow
 from .optim import make_optimizer
 from .reversible import ReconstructionError
