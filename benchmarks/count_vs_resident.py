@@ -17,6 +17,7 @@ import sys
 
 from revglow.config import MEMORY_MODES
 
+
 def measure_once(spec: dict) -> dict:
     """One process's ratios: {mode: [resident over tensors, resident over tensors with workspaces]}, per sample."""
     import torch
