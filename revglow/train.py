@@ -398,6 +398,7 @@ class Trainer:
 
     @property
     def eval_batch_size(self) -> int:
+        """Images per evaluation batch: TrainConfig.eval_batch_size, by default the training batch."""
         return self.config.eval_batch_size or self.config.batch_size
 
     def evaluate(self, draws: int = 1, use_ema: bool = True) -> torch.Tensor:
