@@ -13,8 +13,8 @@ from PIL import Image
 from revglow.cli import main
 from test_data import write_cifar10, write_image_folder, write_npz
 
-TINY = ["--levels", "2", "--depth", "1", "--hidden", "8", "--batch-size", "8", "--eval-batch-size", "512", "--max-steps",
-        "2", "--no-progress", "--n-samples", "4", "--ema", "0.9"]
+TINY = ["--levels", "2", "--depth", "1", "--hidden", "8", "--batch-size", "8", "--eval-batch-size", "512",
+        "--max-steps", "2", "--no-progress", "--n-samples", "4", "--ema", "0.9"]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -58,8 +58,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--levels", "2", "--depth", "1", "--hidden", "8", "--batch-size", "8", "--eval-batch-size", "512", "--no-progress",
-         "--n-samples", "4", "--ema", "0.9", "--warmup", "1", "--eval-every", "0", "--sample-every", "0", "--kernels", "torch"]
+TRAIN = ["--levels", "2", "--depth", "1", "--hidden", "8", "--batch-size", "8", "--eval-batch-size", "512",
+         "--no-progress", "--n-samples", "4", "--ema", "0.9", "--warmup", "1", "--eval-every", "0", "--sample-every",
+         "0", "--kernels", "torch"]
 
 
 def _spawn(fn, args, timeout=240):
