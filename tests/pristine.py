@@ -8,11 +8,11 @@ suite run of 6). A fresh interpreter's heap is as clean as a `revglow profile` p
 about 2 s of CPU (importing torch).
 
 So each pytest process starts one fresh interpreter, the zygote, on its first call: it imports torch and revglow
-and then only waits. Each call forks it, and the forked child runs fn. The zygote never runs a measurement, so
-every child starts from the heap of a fresh interpreter that has imported what fn needs, as a measuring process
-of its own would. The zygote is single-threaded, so forking it is safe (a pytest-xdist worker is not: execnet
-runs threads). (A multiprocessing forkserver is the same idea, but its pool deadlocked in 1 suite run of 3 under
-pytest-xdist.)
+and then only waits. Each call forks it (tests/forked.py's run_forked), and the forked child runs fn. The zygote
+never runs a measurement, so every child starts from the heap of a fresh interpreter that has imported what fn
+needs, as a measuring process of its own would. The zygote is single-threaded, so no child inherits a lock that
+another thread held. (A multiprocessing forkserver is the same idea, but its pool deadlocked in 1 suite run of 3
+under pytest-xdist.)
 
 `fn` must be a module-level function of a module on sys.path (it is named, not pickled); its arguments and result
 go through pickle. The child runs one thread, as the suite does (tests/conftest.py), with torch seeded to 0.
@@ -27,39 +27,37 @@ import sys
 import tempfile
 
 _ZYGOTE = r"""
-import os, pickle, sys, traceback
+import pickle, sys
 sys.path[:0] = pickle.loads(bytes.fromhex(sys.argv[1]))
 import torch
 torch.set_num_threads(1)
 import revglow  # noqa: F401  (what every measurement imports, once, before any fork)
+from forked import run_forked
+
+
+def measure(module, name, args, kwargs, result_path):
+    torch.manual_seed(0)
+    result = getattr(sys.modules[module], name)(*args, **kwargs)
+    with open(result_path, "wb") as f:
+        pickle.dump(result, f)
+    return 0
+
 
 requests, replies = sys.stdin.buffer, sys.stdout
 while True:
     header = requests.read(8)
     if len(header) < 8:          # the pytest process has gone: so does the zygote
         break
-    module, name, args, kwargs, result_path, log_path = pickle.loads(requests.read(int.from_bytes(header, "little")))
+    module, name, args, kwargs, result_path, log_path, timeout = pickle.loads(
+        requests.read(int.from_bytes(header, "little")))
     __import__(module)           # kept in the zygote: the next child of the same module starts with it
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            torch.manual_seed(0)
-            result = getattr(sys.modules[module], name)(*args, **kwargs)
-            with open(result_path, "wb") as f:
-                pickle.dump(result, f)
-            status = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-    _, wait_status = os.waitpid(pid, 0)
-    replies.write(f"{wait_status}\n")
+    try:
+        status, log = run_forked(lambda: measure(module, name, args, kwargs, result_path), timeout)
+    except TimeoutError as exc:
+        status, log = "timeout", str(exc)
+    with open(log_path, "w") as f:
+        f.write(log)
+    replies.write(f"{status}\n")
     replies.flush()
 """
 
@@ -99,22 +97,24 @@ def in_pristine_process(fn, *args, timeout=300, **kwargs):
     zygote = _zygote
     with tempfile.TemporaryDirectory() as folder:
         result_path, log_path = os.path.join(folder, "result.pickle"), os.path.join(folder, "log.txt")
-        request = pickle.dumps((fn.__module__, fn.__name__, args, kwargs, result_path, log_path))
+        request = pickle.dumps((fn.__module__, fn.__name__, args, kwargs, result_path, log_path, timeout))
         try:
             zygote.stdin.write(len(request).to_bytes(8, "little") + request)
             zygote.stdin.flush()
         except BrokenPipeError:
             raise RuntimeError(f"the zygote process has died:\n{_zygote_errors(zygote)}") from None
-        ready, _, _ = select.select([zygote.stdout], [], [], timeout)
-        if not ready:                      # the child hangs: end it and its zygote (one process group)
+        ready, _, _ = select.select([zygote.stdout], [], [], timeout + 30)
+        if not ready:                      # the zygote itself hangs: end it and its child (one process group)
             os.killpg(zygote.pid, signal.SIGKILL)
             zygote.wait()
-            raise TimeoutError(f"the measuring process ran for more than {timeout} s")
-        reply = zygote.stdout.readline()
+            raise TimeoutError(f"the zygote did not answer within {timeout + 30} s")
+        reply = zygote.stdout.readline().decode().strip()
         if not reply:
             raise RuntimeError(f"the zygote process has died:\n{_zygote_errors(zygote)}")
         log = open(log_path, errors="replace").read() if os.path.exists(log_path) else ""
-        if int(reply) != 0 or not os.path.exists(result_path):
-            raise RuntimeError(f"the measuring process failed (wait status {int(reply)}):\n{log[-4000:]}")
+        if reply == "timeout":
+            raise TimeoutError(log)
+        if reply != "0" or not os.path.exists(result_path):
+            raise RuntimeError(f"the measuring process failed (exit status {reply}):\n{log[-4000:]}")
         with open(result_path, "rb") as f:
             return pickle.load(f)

@@ -9,14 +9,12 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import sys
-import tempfile
-import time
-import traceback
 import warnings
 
 import pytest
+
+from forked import run_forked
 
 pytest.importorskip("pytest_benchmark")
 
@@ -43,48 +41,19 @@ def _run_benchmarks(*args, timeout=120):
     this process (which has imported torch already: a fresh interpreter would spend seconds on that); its
     output."""
     cmd = [BENCH, "-p", "no:cacheprovider", "--bench-device", "cpu", *args]
-    with tempfile.TemporaryFile() as output:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            status = 99
-            try:
-                os.dup2(output.fileno(), 1)
-                os.dup2(output.fileno(), 2)
-                # Nothing of the parent's channels: pytest-xdist's worker talks to its controller through
-                # inherited file descriptors, which the child's session must not write to.
-                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-                sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__   # past this suite's output capture
-                os.chdir(ROOT)
-                # Without this suite's xdist worker variables, which would make pytest-benchmark believe it runs
-                # in parallel and disable itself; and without its conftest and helper modules, whose names the
-                # benchmarks' own (benchmarks/conftest.py, common.py) would otherwise resolve to.
-                for name in [k for k in os.environ if k.startswith("PYTEST_XDIST")] + ["REVGLOW_KERNELS"]:
-                    os.environ.pop(name, None)
-                for name in ("conftest", "common"):
-                    sys.modules.pop(name, None)
-                status = int(pytest.main(cmd))
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(status)
-        deadline = time.monotonic() + timeout
-        while True:
-            done, wait_status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise TimeoutError(f"pytest {' '.join(cmd)} ran for more than {timeout} s")
-            time.sleep(0.05)
-        output.seek(0)
-        out = output.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(wait_status)
+
+    def session():
+        os.chdir(ROOT)
+        # Without this suite's xdist worker variables, which would make pytest-benchmark believe it runs in
+        # parallel and disable itself; and without its conftest and helper modules, whose names the benchmarks'
+        # own (benchmarks/conftest.py, common.py) would otherwise resolve to.
+        for name in [k for k in os.environ if k.startswith("PYTEST_XDIST")] + ["REVGLOW_KERNELS"]:
+            os.environ.pop(name, None)
+        for name in ("conftest", "common"):
+            sys.modules.pop(name, None)
+        return pytest.main(cmd)
+
+    code, out = run_forked(session, timeout)
     assert code == 0, f"pytest {' '.join(cmd)} exited with {code}:\n{out[-6000:]}"
     return out
 
