@@ -107,6 +107,42 @@ class DistributedContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def average_gradients(self, params: List[torch.Tensor], flags: torch.Tensor, device: torch.device,
+                          drop_own: bool = False) -> torch.Tensor:
+        """Replace each parameter's .grad by its mean over the ranks, and sum `flags` (a 1-d tensor of this
+        rank's numbers, on the collective device) over the ranks; returns the sums.
+
+        One pass of all-reduces over buckets of about 4M elements, the flags riding in the first (so reading them
+        back is one host sync). A missing gradient counts as zeros, and so do all of this rank's with `drop_own`
+        (a rank whose step failed still takes part, or the others would wait forever for its buckets).
+        `device` is where the collectives run (collective_device)."""
+        dtype = flags.dtype
+        buckets, bucket, size = [], [], 0
+        for p in params:
+            bucket.append(p)
+            size += p.numel()
+            if size >= 1 << 22:
+                buckets.append(bucket)
+                bucket, size = [], 0
+        if bucket or not buckets:
+            buckets.append(bucket)
+        summed = flags
+        for index, bucket in enumerate(buckets):
+            parts = [torch.zeros(p.numel(), dtype=dtype, device=device) if p.grad is None or drop_own
+                     else p.grad.detach().reshape(-1).to(device, dtype) for p in bucket]
+            if index == 0:
+                parts.append(flags)
+            flat = torch.cat(parts)
+            dist.all_reduce(flat)
+            if index == 0:
+                summed = flat[-flags.numel():]
+                flat = flat[:-flags.numel()]
+            offset = 0
+            for p in bucket:
+                p.grad = (flat[offset:offset + p.numel()] / self.world_size).view_as(p).to(p.device, p.dtype)
+                offset += p.numel()
+        return summed
+
     def run_on_main(self, fn, *args, **kwargs) -> Any:
         """Run `fn` on rank 0 only; its result, or the ValueError/OSError it raised, reaches every rank.
 

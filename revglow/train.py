@@ -509,15 +509,15 @@ class Trainer:
         The gradients are reduced here rather than by DDP's backward hooks (the backward runs under
         `no_sync`): a rank whose step failed (non-finite loss, or a numerical error in the middle of its
         backward) still takes part, and every rank then skips the step together; with the hooks, the others
-        would wait forever for buckets it never reduces. The flags ride in the first bucket, computed on the
-        device: [failure kinds..., stop signal, loss sum]; reading them back is the step's one host sync
-        before the gradient norm.
+        would wait forever for buckets it never reduces. The flags ride along, computed on the device: one per
+        failure kind and one per stop signal (each summed over the ranks: how many reported it), and the loss
+        sum; reading them back is the step's one host sync before the gradient norm.
         """
-        kinds = list(_ADVICE)
+        kinds, stops = list(_ADVICE), list(StopSignals.SIGNALS)
         params = [p for p in self.model.parameters() if p.requires_grad]
         dtype = params[0].dtype
         device = self.dist.collective_device(self.device)
-        flags = torch.zeros(len(kinds) + 2, dtype=dtype, device=device)
+        flags = torch.zeros(len(kinds) + len(stops) + 1, dtype=dtype, device=device)
         if failure is not None:
             flags[kinds.index(failure)] = 1.0
         elif loss is not None:
@@ -526,38 +526,15 @@ class Trainer:
             flags[kinds.index("loss")] = (~finite).to(dtype)
             flags[-1] = torch.where(finite, loss, torch.zeros_like(loss))
         if self._signals is not None and self._signals.received is not None:
-            flags[len(kinds)] = float(self._signals.received)
-        buckets, bucket, size = [], [], 0
-        for p in params:
-            bucket.append(p)
-            size += p.numel()
-            if size >= 1 << 22:
-                buckets.append(bucket)
-                bucket, size = [], 0
-        if bucket:
-            buckets.append(bucket)
-        world = self.dist.world_size
-        reduced = None
-        for index, bucket in enumerate(buckets):
-            parts = [torch.zeros(p.numel(), dtype=dtype, device=device) if p.grad is None or failure
-                     else p.grad.detach().reshape(-1).to(device, dtype) for p in bucket]
-            if index == 0:
-                parts.append(flags)
-            flat = torch.cat(parts)
-            torch.distributed.all_reduce(flat)
-            if index == 0:
-                reduced = flat[-flags.numel():]
-                flat = flat[:-flags.numel()]
-            offset = 0
-            for p in bucket:
-                p.grad = (flat[offset:offset + p.numel()] / world).view_as(p).to(p.device, p.dtype)
-                offset += p.numel()
-        reduced = reduced.double().cpu().tolist()
-        failed = [kinds[i] for i in range(len(kinds)) if reduced[i] > 0]
-        self._agreed_stop = int(reduced[len(kinds)])
+            flags[len(kinds) + stops.index(self._signals.received)] = 1.0
+        summed = self.dist.average_gradients(params, flags, device, drop_own=failure is not None)
+        summed = summed.double().cpu().tolist()
+        failed = [kind for kind, count in zip(kinds, summed) if count > 0]
+        stopped = [int(signum) for signum, count in zip(stops, summed[len(kinds):]) if count > 0]
+        self._agreed_stop = stopped[0] if stopped else 0
         if failure is None and failed:
             failure = failed[0]
-        return failure, reduced[-1] / world
+        return failure, summed[-1] / self.dist.world_size
 
     def _train_step(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Dict:
         """One optimizer step; returns its metrics, with "skipped" set when it was not taken.

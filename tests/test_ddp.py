@@ -50,6 +50,7 @@ def test_ddp_gradients_match_single_process(library_run):
 # ------------------------------------------------------------------------------ revglow train under torchrun
 
 import json  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -177,8 +178,17 @@ def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tens
         before = [p.detach().clone() for p in trainer.model.parameters()]
         failed = trainer._train_step(x[rank * half:(rank + 1) * half], None)
         unchanged = all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+        # Stop signals, agreed in the step: SIGTERM on every rank (as torchrun forwards it), then SIGINT on rank 0
+        # alone. Every rank stops for the signal itself, whatever how many ranks received it.
+        from revglow.signals import StopSignals
+        stops = []
+        for received in ((signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, None)):
+            trainer._signals = StopSignals(trainer)
+            trainer._signals.received = received[rank]
+            trainer._train_step(x[rank * half:(rank + 1) * half], None)
+            stops.append(trainer._stop_requested())
         records = [None] * WORLD
-        dist.all_gather_object(records, (failed, unchanged, trainer.step))
+        dist.all_gather_object(records, (failed, unchanged, trainer.step, stops))
         if rank == 0:
             torch.save({"grads": grads, "bpd": record["bpd"], "failed": records}, grads_path)
         dist.barrier()
@@ -249,6 +259,7 @@ def test_torchrun_train_checkpoint_resume_and_gradients(tmp_path):
     saved = torch.load(grads_path)
     assert rel_err(torch.cat([g.flatten() for g in saved["grads"]]), expected) < 1e-5
     assert abs(saved["bpd"] - record["bpd"]) < 1e-5 * abs(record["bpd"])
-    (rank0, unchanged0, step0), (rank1, unchanged1, step1) = saved["failed"]
+    (rank0, unchanged0, step0, stops0), (rank1, unchanged1, step1, stops1) = saved["failed"]
     assert rank0["skipped"] == rank1["skipped"] == "singular" and unchanged0 and unchanged1 and step0 == step1 == 1
+    assert stops0 == stops1 == [signal.SIGTERM, signal.SIGINT]
     assert rank0["error"] == "on another process" and "LinAlgError" in rank1["error"]
