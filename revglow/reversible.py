@@ -397,7 +397,8 @@ class _ReversibleStep(torch.autograd.Function):
     """One step of a reversible sequence. Inputs: (step, relay, index, x, context, *params); outputs (y, logdet)."""
 
     @staticmethod
-    def forward(ctx, step, relay, index, x, context, *params):
+    def forward(ctx, step: nn.Module, relay: _BackwardRelay, index: int, x: Tensor, context: Optional[Tensor],
+                *params: Tensor) -> Tuple[Tensor, Tensor]:
         ctx.step, ctx.relay, ctx.index = step, relay, index
         ctx.autocast = _autocast_state()
         ctx.rng = _RngState(x.device) if relay.sequence.preserve_rng_state else None
@@ -413,7 +414,7 @@ class _ReversibleStep(torch.autograd.Function):
         return y, logdet
 
     @staticmethod
-    def backward(ctx, grad_y, grad_logdet):
+    def backward(ctx, grad_y: Tensor, grad_logdet: Tensor) -> Tuple[Optional[Tensor], ...]:
         # Autograd runs the steps' backwards from the last step down: step i's backward needs dL/dy_i, which
         # only step i + 1's backward produces (y_i is its input). The relay relies on that order: the tensor
         # step i + 1 leaves behind is the output step i needs.

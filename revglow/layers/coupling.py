@@ -14,14 +14,14 @@ reversible libraries. Glow's `Coupling` is an AffineCoupling / AdditiveCoupling 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from revglow.layers.actnorm import ActNorm
-from revglow.layers.base import InvertibleModule
+from revglow.layers.base import InverseVJPResult, InvertibleModule
 from revglow.layers.conv import Conv2dSame, ZeroConv2d
 from revglow.ops import coupling_affine as ops
 from revglow.ops import coupling_network as network_op
@@ -78,7 +78,7 @@ class CouplingNetwork(nn.Module):
                 self.conv_hidden.weight, self.conv_hidden.bias, *norm(self.norm_hidden),
                 self.conv_out.weight, self.conv_out.bias, self.conv_out.output_scale(), self.edge_padding)
 
-    def forward(self, x, compile: bool = False, release: bool = False):
+    def forward(self, x: torch.Tensor, compile: bool = False, release: bool = False) -> torch.Tensor:
         """`release=True`: the caller runs one backward through the output right away (the reversible engine's
         recomputation), so the network's wide intermediates may be freed as that backward uses them."""
         norms = [m for m in (self.norm_in, self.norm_hidden) if m is not None]
@@ -132,13 +132,14 @@ class _OneNetworkCoupling(InvertibleModule):
         self.kernels = kernels
         self.compile = False
 
-    def _network(self, xb, context, release: bool = False):
+    def _network(self, xb: torch.Tensor, context: Optional[torch.Tensor], release: bool = False) -> torch.Tensor:
         net_input = _with_context(xb, context)
         if isinstance(self.net, CouplingNetwork):
             return self.net(net_input, compile=self.compile, release=release)
         return self.net(net_input)
 
-    def _network_output(self, xb, context, channels_a: int, release: bool = False):
+    def _network_output(self, xb: torch.Tensor, context: Optional[torch.Tensor], channels_a: int,
+                        release: bool = False) -> torch.Tensor:
         net_out = self._network(xb, context, release)
         want = 2 * channels_a if self.kind == "affine" else channels_a
         if not isinstance(net_out, torch.Tensor) or net_out.shape[0] != xb.shape[0] or net_out.shape[1] != want \
@@ -150,20 +151,22 @@ class _OneNetworkCoupling(InvertibleModule):
                              f"{channels_a} transformed channels); got {got}")
         return net_out
 
-    def _couple(self, x, context, inverse: bool):
+    def _couple(self, x: torch.Tensor, context: Optional[torch.Tensor],
+                inverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         b = _split_point(self.split, x.shape[1])
         net_out = self._network_output(x[:, :b], context, x.shape[1] - b)
         with flow_autocast_off(x):
             return ops.couple(x, net_out, b, self.kind, resolve_backend(self.kernels, x), inverse=inverse,
                               compile=self.compile)
 
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         return self._couple(x, context, inverse=False)
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         return self._couple(y, context, inverse=True)
 
-    def inverse_vjp(self, y, grad_y, grad_logdet, context=None):
+    def inverse_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                    context: Optional[torch.Tensor] = None) -> InverseVJPResult:
         # The network output used to invert the step is the one differentiated through: the network runs once.
         b = _split_point(self.split, y.shape[1])
         xb = y[:, :b].detach().requires_grad_(True)
@@ -243,7 +246,7 @@ class Coupling(_OneNetworkCoupling):
         self.context_channels = context_channels
         self.compile = compile
 
-    def _network(self, xb, context, release: bool = False):
+    def _network(self, xb: torch.Tensor, context: Optional[torch.Tensor], release: bool = False) -> torch.Tensor:
         if (context is None) != (self.context_channels == 0):
             raise ValueError(f"Coupling with context_channels={self.context_channels} was called "
                              f"{'without' if context is None else 'with'} a context")
@@ -278,21 +281,22 @@ class TwoNetworkCoupling(InvertibleModule):
                 raise TypeError(f"TwoNetworkCoupling expects {name} as an nn.Module; got {type(net).__name__}")
         self.f, self.g, self.split = f, g, split
 
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         b = _split_point(self.split, x.shape[1])
         x1, x2 = x[:, :b], x[:, b:]
         y1 = x1 + self.f(_with_context(x2, context))
         y2 = x2 + self.g(_with_context(y1, context))
         return torch.cat([y1, y2], dim=1), x.new_zeros(x.shape[0])
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         b = _split_point(self.split, y.shape[1])
         y1, y2 = y[:, :b], y[:, b:]
         x2 = y2 - self.g(_with_context(y1, context))
         x1 = y1 - self.f(_with_context(x2, context))
         return torch.cat([x1, x2], dim=1), y.new_zeros(y.shape[0])
 
-    def inverse_vjp(self, y, grad_y, grad_logdet, context=None):
+    def inverse_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                    context: Optional[torch.Tensor] = None) -> InverseVJPResult:
         b = _split_point(self.split, y.shape[1])
         y1 = y[:, :b].detach().requires_grad_(True)
         y2 = y[:, b:].detach()
