@@ -4,7 +4,7 @@ Plain launchers only (no autograd here); the reference and its derivation live i
 revglow/ops/coupling_affine.py, the autograd.Function in revglow/ops/_triton_functions.py.
 
 h: [N, 2*Ca, H, W] with shift = h[:, :Ca], raw = h[:, Ca:], s = sigmoid(raw + 2):
-    forward   ya = (xa + shift) * s                 logdet[n] = sum_{c,h,w} log s
+    forward   ya = (xa + shift) * s                 logdet[n] = sum of log s over C, H, W
     inverse   xa = ya / s - shift                   (same logdet, of the forward map)
     backward  xa = ya / s - shift,   gxa = s * gya,   gshift = gxa,   graw = (gya * ya + glogdet[n]) * (1 - s)
 
@@ -126,8 +126,9 @@ _BLOCK = 1024
 
 def _per_sample_contiguous(t: torch.Tensor) -> bool:
     """Whether t [N, C, H, W] has each sample's C*H*W elements contiguous (batch stride arbitrary)."""
-    _, c, h, w = t.shape
-    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w) and (c == 1 or t.stride(1) == h * w)
+    _, c, height, width = t.shape
+    return ((width == 1 or t.stride(3) == 1) and (height == 1 or t.stride(2) == width)
+            and (c == 1 or t.stride(1) == height * width))
 
 
 def _as_per_sample_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Pure-PyTorch reference beside the dispatching entry points; Triton kernels live 
 
 Affine: h: [N, 2*Ca, H, W] with shift = h[:, :Ca], raw = h[:, Ca:], s = sigmoid(raw + 2) (bounded in (0, 1),
 as the reference implementation does, so a step can only contract):
-    ya = (xa + shift) * s          logdet = sum_{c,h,w} log s      (per sample, shape [N])
+    ya = (xa + shift) * s          logdet = sum of log s over C, H, W  (per sample, shape [N])
     xa = ya / s - shift
 Reversible backward, derived (using ya directly, so nothing but ya and h is read):
     gxa = s * gya      gshift = gxa      graw = (gya * ya + glogdet) * (1 - s)

@@ -101,11 +101,11 @@ def _actnorm_params(c: int, gen: torch.Generator):
 
 
 def _check_actnorm_conv1x1(k, device: torch.device, gen: torch.Generator, shape) -> List[Tuple[str, Callable]]:
-    c, n, h, w = shape
+    c, n, height, width = shape
     scale, bias, weight, weight_inv = _actnorm_params(c, gen)
-    x = torch.randn(n, c, h, w, generator=gen)
+    x = torch.randn(n, c, height, width, generator=gen)
     y = actnorm_conv1x1_reference(x.double(), scale.double(), bias.double(), weight.double()).float()
-    grad_y = torch.randn(n, c, h, w, generator=gen)
+    grad_y = torch.randn(n, c, height, width, generator=gen)
     f64 = [t.double() for t in (scale, bias, weight, weight_inv)]
     dev = [t.to(device) for t in (scale, bias, weight, weight_inv)]
     name = f"actnorm_conv1x1 {{}} (C={c})"
