@@ -61,6 +61,8 @@ def forked(test):
 
 
 def run_forked(main, timeout: float):
+    """(exit status, output) of `main()` run as a program in a forked child (see the module docstring); a child
+    still running after `timeout` seconds is killed and TimeoutError raised."""
     with tempfile.TemporaryFile() as output:
         sys.stdout.flush()
         sys.stderr.flush()
