@@ -53,7 +53,7 @@ def test_checkpoint_contents_and_rotation(tmp_path, digits):
 def test_the_evaluation_batch_changes_no_number(tmp_path, digits):
     """Evaluation runs at --eval-batch-size (default: the training batch), and on the CPU each image's bits/dim
     do not depend on it: the dequantization noise is one generator stream drawn in image order, and no layer mixes
-    the images of a batch. 7 does not divide the 360 test images, so the last batch is a short one."""
+    the images of a batch. 7 does not divide the 359 test images, so the last batch is a short one."""
     trainer = Trainer(TINY, quick_config(tmp_path / "a", max_steps=1, batch_size=7, eval_batch_size=None,
                                          device="cpu"), data=digits)
     assert trainer.eval_batch_size == 7
