@@ -164,7 +164,6 @@ def test_headline_256_script(tmp_path, capsys):
     assert "| reversible |" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident set needs /proc")
 def _conv_workspace_run():
     import contextlib
     import io
@@ -174,6 +173,7 @@ def _conv_workspace_run():
     return ratios, out.getvalue()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident set needs /proc")
 def test_conv_workspace_script():
     """The CPU convolutions use memory per sample that the tensors alone do not show, and that the count with each
     convolution's measured workspace does (what the script shows), measured in a process with a clean heap
