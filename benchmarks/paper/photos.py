@@ -45,9 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
 
     args = parse(argv)
     runs.start(args)
-    model = ["--data", "photos", "--image-size", str(args.image_size), "--levels", str(args.levels), "--depth",
-             str(args.depth), "--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--memory",
-             args.memory, *runs.eval_batch_flags(args)]
+    model = runs.model_flags(args, data=("--data", "photos", "--image-size", str(args.image_size)))
     seed = args.seeds[0]
     with tempfile.TemporaryDirectory(prefix="revglow-paper-photos-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp) / "photos"

@@ -159,19 +159,16 @@ def load_rows(path: str, tag: str, experiment: Optional[str] = None) -> List[dic
     return [r for r in rows if r.get("tag") == tag and (experiment is None or r.get("experiment") == experiment)]
 
 
-def model_flags(args: argparse.Namespace, data: str = "digits", depth: bool = True) -> List[str]:
-    """The `revglow train` flags of the model and batch in a script's budget flags (without --depth when the
-    script varies it itself)."""
-    flags = ["--data", data, "--levels", str(args.levels)]
+def model_flags(args: argparse.Namespace, data: Sequence[str] = ("--data", "digits"), depth: bool = True) -> List[str]:
+    """The `revglow train` flags of the data (`data`), then the model and batch in a script's budget flags
+    (without --depth when the script varies it itself; --eval-batch-size only when it was given)."""
+    flags = [*data, "--levels", str(args.levels)]
     if depth:
         flags += ["--depth", str(args.depth)]
-    return flags + ["--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory,
-                    *eval_batch_flags(args)]
-
-
-def eval_batch_flags(args: argparse.Namespace) -> List[str]:
-    """--eval-batch-size when a script was given one (else revglow's default, the training batch)."""
-    return [] if args.eval_batch_size is None else ["--eval-batch-size", str(args.eval_batch_size)]
+    flags += ["--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--memory", args.memory]
+    if args.eval_batch_size is not None:
+        flags += ["--eval-batch-size", str(args.eval_batch_size)]
+    return flags
 
 
 def save_figure(fig, path: str) -> None:
