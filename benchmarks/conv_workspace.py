@@ -55,7 +55,10 @@ def main(argv=None) -> dict:
         print(f"batch {n:4d}: counted {counted[n]:8.2f} MiB, with workspaces {with_workspace[n]:8.2f} MiB   "
               f"resident set {measured[n]:8.2f} MiB")
     a, b = args.batches
-    per_sample = lambda mib: (mib[b] - mib[a]) / (b - a)  # noqa: E731
+
+    def per_sample(mib):
+        return (mib[b] - mib[a]) / (b - a)
+
     ratios = {"resident_over_tensors": per_sample(measured) / per_sample(counted),
               "resident_over_with_workspace": per_sample(measured) / per_sample(with_workspace)}
     print(f"per sample: counted {per_sample(counted):.4f} MiB, with workspaces {per_sample(with_workspace):.4f} MiB, "

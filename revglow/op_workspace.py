@@ -7,8 +7,9 @@ so `LiveStorageTracker` cannot count them, yet they are part of a training step'
 channels they are about a third of a reversible step's memory per sample on the CPU. `OpWorkspaces` runs such an
 op on its own inputs under the device's meter (`revglow.device_peak`), once to warm up (a first run also pays
 one-off costs: a kernel generated, a cache filled) and `repeats` times more, and keeps the smallest peak growth
-(outputs included: an op may free its buffers before it writes its outputs, or not), keyed by everything the library's choice of algorithm can depend on: shapes, strides, dtypes,
-device, the op's arguments and the thread count.
+(outputs included: an op may free its buffers before it writes its outputs, or not), keyed by everything the
+library's choice of algorithm can depend on: shapes, strides, dtypes, device, the op's arguments, the thread count
+and the mkldnn switch.
 """
 from __future__ import annotations
 

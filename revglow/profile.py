@@ -437,6 +437,11 @@ def _refine_and_verify(work: _Workload, batch: int, points: List[Tuple[int, floa
 
 
 # ------------------------------------------------------------------------------------------- report
+def _cell(value: Optional[float], fmt: str) -> str:
+    """`value` in `fmt` (such as "9.1f"), or "-" right-aligned to the same width where there is none."""
+    return f"{value:{fmt}}" if value is not None else f"{'-':>{fmt.split('.')[0]}}"
+
+
 def format_table(rows: List[Dict]) -> str:
     """The plain-text table `revglow profile` prints. "activ.": the tensors' count; "+ wksp": the same count with
     each convolution's working buffers added while it runs (where the device can be measured); "device": the
@@ -447,13 +452,12 @@ def format_table(rows: List[Dict]) -> str:
     if any("max_batch" in r for r in rows):
         head += f" {'max batch':>10}"
     lines.append(head + "   (MiB)")
-    optional = lambda value, fmt: f"{value:{fmt}}" if value is not None else f"{'-':>{fmt.split('.')[0]}}"  # noqa: E731
     for r in rows:
         per_sample = r.get("activation_with_workspace_mib_per_sample", r["activation_mib_per_sample"])
         line = (f"{r['mode']:<11} {r['params_mib']:8.1f} {r['grads_mib']:8.1f} {r['optimizer_mib']:8.1f} "
-                f"{r['activation_mib']:9.1f} {optional(r.get('activation_with_workspace_mib'), '9.1f')} "
-                f"{optional(r.get('device_activation_mib'), '9.1f')} {per_sample:9.2f} "
-                f"{optional(r.get('step_s') or None, '8.3f')} {optional(r.get('images_per_s') or None, '8.1f')}")
+                f"{r['activation_mib']:9.1f} {_cell(r.get('activation_with_workspace_mib'), '9.1f')} "
+                f"{_cell(r.get('device_activation_mib'), '9.1f')} {per_sample:9.2f} "
+                f"{_cell(r.get('step_s') or None, '8.3f')} {_cell(r.get('images_per_s') or None, '8.1f')}")
         if "max_batch" in r:
             line += f" {r['max_batch']:10d}"
         lines.append(line)

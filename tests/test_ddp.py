@@ -179,7 +179,7 @@ def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tens
         failed = trainer._train_step(x[rank * half:(rank + 1) * half], None)
         unchanged = all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
         # Stop signals, agreed in the step: SIGTERM on every rank (as torchrun forwards it), then SIGINT on rank 0
-        # alone. Every rank stops for the signal itself, whatever how many ranks received it.
+        # alone. Every rank stops for the signal itself, however many ranks received it.
         from revglow.signals import StopSignals
         stops = []
         for received in ((signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, None)):
