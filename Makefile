@@ -5,7 +5,7 @@
 PY = $(shell bash scripts/ensure_env.sh)
 
 # The main job: train a small reversible Glow on scikit-learn's bundled digits (the digits preset of
-# revglow/presets.py, about three minutes on 2 CPU cores), print its test bits/dim beside a per-pixel baseline,
+# revglow/training/presets.py, about three minutes on 2 CPU cores), print its test bits/dim beside a per-pixel baseline,
 # then draw a grid of samples.
 demo:
 	@py="$(PY)"; set -e; \

@@ -1,6 +1,6 @@
 """Memory that no tensor holds: a 3x3 and a 1x1 convolution's forward and backward on the CPU, counted by the
-live-storage tracker of revglow.profile (tensors alone, and with each convolution's working buffers measured per
-call signature by revglow.op_workspace) and measured as the process's peak resident set, per sample.
+live-storage tracker of revglow.memory.profile (tensors alone, and with each convolution's working buffers measured per
+call signature by revglow.memory.workspaces) and measured as the process's peak resident set, per sample.
 
 The convolution kernels allocate their working buffers below the dispatcher, where the tracker cannot see them;
 the resident set can. Counted without them, the tensors fall well short of the resident set; with them, the two
@@ -17,9 +17,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from revglow.device_peak import ResidentSet
-from revglow.op_workspace import OpWorkspaces
-from revglow.profile import LiveStorageTracker
+from revglow.memory.device_meters import ResidentSet
+from revglow.memory.workspaces import OpWorkspaces
+from revglow.memory.profile import LiveStorageTracker
 
 MiB = 2 ** 20
 

@@ -1,4 +1,4 @@
-"""Memory per sample of one training step, counted op by op (revglow.profile's tracker: tensors alone, and with
+"""Memory per sample of one training step, counted op by op (revglow.memory.profile's tracker: tensors alone, and with
 each convolution's measured working buffers) against the process's peak resident set, in every memory mode, over
 several fresh processes (the resident set of one process wanders by a MiB or two; a fresh one per repeat shows
 how far).
@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from revglow.config import MEMORY_MODES
+from revglow.engine.options import MEMORY_MODES
 
 
 def measure_once(spec: dict) -> dict:
@@ -23,7 +23,7 @@ def measure_once(spec: dict) -> dict:
     import torch
 
     from revglow import GlowConfig
-    from revglow.profile import profile
+    from revglow.memory.profile import profile
 
     torch.set_num_threads(1)
     cfg = GlowConfig(image_shape=(3, spec["size"], spec["size"]), levels=spec["levels"], depth=spec["depth"],

@@ -4,7 +4,7 @@ The problem: D additive coupling blocks y1 = x1 + F(x2), y2 = x2 + G(y1) on [8, 
 F and G each conv3x3(8 -> 128) -> ReLU -> conv3x3(128 -> 8), identical weights in every engine, one training
 step (forward + backward of a scalar loss). For each engine and D:
 - activation memory: peak resident memory of a fresh process during one step above what it held before
-  (the method of revglow.profiling: glibc's mmap threshold pinned low, /proc/self/clear_refs);
+  (the method of revglow.memory.fresh_process: glibc's mmap threshold pinned low, /proc/self/clear_refs);
 - step time: all engines interleaved round after round in one process, medians;
 - gradients: every engine's parameter gradients against plain autograd's, in float64 on a small problem.
 

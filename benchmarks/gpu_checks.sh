@@ -47,8 +47,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 
 run_checks() {
   echo "== kernel tests on CUDA"
-  REVGLOW_TEST_DEVICE=cuda timeout 240 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_actnorm_conv1x1.py \
-      tests/test_kernels_coupling_affine.py tests/test_model_kernels.py tests/test_dispatch.py 2>&1 \
+  REVGLOW_TEST_DEVICE=cuda timeout 240 "$py" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_actnorm_conv1x1.py \
+      tests/kernels/test_kernels_coupling_affine.py tests/glow/test_model_kernels.py tests/ops/test_dispatch.py 2>&1 \
       | tee "$out/tests.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -3,8 +3,8 @@ each training mode, measured.
 
 1. Per mode (reversible, per-step checkpointing, segment checkpointing as a checkpoint_sequential baseline, plain
    autograd): the activation memory of one training step (forward, backward, Adam) at batch 1 and 2, counted by
-   revglow.profile's LiveStorageTracker (exact, device independent), its slope (memory per sample) and intercept.
-2. The planner's largest batch for 24, 48, 80 and 141 GiB devices: revglow.profile.plan_batch on parameters +
+   revglow.memory.profile's LiveStorageTracker (exact, device independent), its slope (memory per sample) and intercept.
+2. The planner's largest batch for 24, 48, 80 and 141 GiB devices: revglow.memory.profile.plan_batch on parameters +
    gradients + Adam state + that line, with a 5% allocator margin. A PREDICTION from the CPU count: on a GPU a
    convolution library's workspace and the caching allocator's rounding come on top, which is what
    `revglow profile --device cuda --budget ... --verify` measures (benchmarks/gpu_checks.sh runs it).
@@ -33,11 +33,11 @@ import torch  # noqa: E402
 from common import append_rows, environment  # noqa: E402
 from modes import MODES, activation, build_models, example_images  # noqa: E402
 from revglow import GlowConfig  # noqa: E402
-from revglow.profile import parse_size, plan_batch  # noqa: E402
+from revglow.memory.profile import parse_size, plan_batch  # noqa: E402
 
 CELEBA_HQ = dict(image_shape=(3, 256, 256), levels=6, depth=32, hidden=512, coupling="additive", n_bits=5)
 BUDGETS = ("24GiB", "48GiB", "80GiB", "141GiB")
-MARGIN = 0.05     # the planner's allocator margin on the CPU (revglow.profile); CUDA measures its own
+MARGIN = 0.05     # the planner's allocator margin on the CPU (revglow.memory.profile); CUDA measures its own
 MiB = float(2 ** 20)
 
 

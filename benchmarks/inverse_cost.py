@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from common import add_problem_flags, append_rows, environment, random_images  # noqa: E402
 from revglow import Glow, GlowConfig  # noqa: E402
-from revglow.layers.permutation import ChannelMixing  # noqa: E402
+from revglow.glow.layers.permutation import ChannelMixing  # noqa: E402
 
 
 def main(argv=None) -> int:

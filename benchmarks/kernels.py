@@ -115,7 +115,7 @@ def require_cuda() -> torch.device:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False on this "
                          "machine (the Triton interpreter is far too slow to time). Run the correctness tests "
-                         "instead: TRITON_INTERPRET=1 python -m pytest tests/test_kernels_*.py")
+                         "instead: TRITON_INTERPRET=1 python -m pytest tests/kernels/")
     return torch.device("cuda")
 
 

@@ -1,7 +1,7 @@
 """Activation memory of one training step against depth K, for each memory mode.
 
 Measured for real: peak resident memory of a fresh subprocess during one forward + backward, above what the
-model already held (revglow.profiling). Default problem: CPU, 64x64 RGB, 2 levels, width 128,
+model already held (revglow.memory.fresh_process). Default problem: CPU, 64x64 RGB, 2 levels, width 128,
 batch 8, K in {4, 8, 16, 32}. Targets: reversible grows at most 10% from K=4 to K=32; plain autograd at K=32
 needs at least 10x what reversible needs.
 
@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import append_rows, environment  # noqa: E402
 from revglow import GlowConfig  # noqa: E402
-from revglow.profiling import training_step_memory_mib  # noqa: E402
+from revglow.memory.fresh_process import training_step_memory_mib  # noqa: E402
 
 
 def main(argv=None) -> int:

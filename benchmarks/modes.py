@@ -7,7 +7,7 @@
   last is stored, a segment's activations are rebuilt by running it again in backward, and the last segment
   is plain autograd (checkpoint_sequential's own rule). The classic O(sqrt(K)) memory trade-off.
 
-Memory is counted by revglow.profile's LiveStorageTracker: the tensor storage one training step allocates above
+Memory is counted by revglow.memory.profile's LiveStorageTracker: the tensor storage one training step allocates above
 parameters, gradients and Adam state, exact and the same on every device (`activation`, the measurement of
 `revglow profile` without its timing and device peak, on a model built here).
 
@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from revglow import Glow, GlowConfig, ReversibleSequence
-from revglow.profile import LiveStorageTracker
+from revglow.memory.profile import LiveStorageTracker
 
 __all__ = ["MODES", "SegmentCheckpointed", "build_glow", "build_models", "example_images", "activation",
            "segments_for"]
@@ -129,7 +129,7 @@ def _line(points: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
 def activation(model: Glow, mode: str, batch_sizes: Sequence[int], device: str = "cpu", top: int = 3,
                labels: bool = False) -> Dict:
     """Activation memory of one training step (forward, backward of the mean bits/dim, Adam) of `model` in
-    `mode`, counted by LiveStorageTracker after a warm-up step, as revglow.profile does
+    `mode`, counted by LiveStorageTracker after a warm-up step, as revglow.memory.profile does
     (parameters, gradients and Adam state exist before the counted step and are not in the count).
 
     Returns activation_mib (at the largest batch), points [{batch, activation_mib}], activation_mib_per_sample

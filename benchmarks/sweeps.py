@@ -11,7 +11,7 @@ date, git revision, versions) to benchmarks/results/sweep_<name>.jsonl and draws
               64, 128 and 256 pixels
   all         every sweep above with its defaults (what `make bench` runs)
 
-Memory is revglow.profile's LiveStorageTracker count: the tensor storage one training step (forward, backward,
+Memory is revglow.memory.profile's LiveStorageTracker count: the tensor storage one training step (forward, backward,
 Adam) allocates above parameters, gradients and Adam state; exact, and the same on every device. Time runs on
 --threads intra-op threads (default 1: reproducible on a shared machine; the memory does not depend on it).
 

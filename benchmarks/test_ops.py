@@ -199,7 +199,7 @@ def _pedantic(benchmark, fn, config: str):
                          list(_step_cases("flowstep", ("forward", "inverse") + tuple(f"train_{m}" for m in MEMORY_MODES))))
 def test_flowstep(benchmark, backend, config, pass_, device, batch):
     from revglow import ReversibleSequence
-    from revglow.layers import FlowStep
+    from revglow.glow.layers.flowstep import FlowStep
 
     _require(backend, device)
     image_shape, _, _, hidden = GLOW_CONFIGS[config]

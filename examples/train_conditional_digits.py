@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from revglow import Glow, GlowConfig
-from revglow.images import save_grid
+from revglow.training.images import save_grid
 
 
 def low_resolution(images: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from revglow import Glow, GlowConfig
-from revglow.images import save_grid
+from revglow.training.images import save_grid
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")

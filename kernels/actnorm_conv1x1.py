@@ -293,7 +293,7 @@ def _actnorm_conv1x1_grad_weight_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Block sizes: every tile, warp and program-count choice of the launchers, in one place.
 #
-# Checked by compiling for sm_90 (ptxas; tests/test_kernels_compile.py compiles exactly these), not yet timed
+# Checked by compiling for sm_90 (ptxas; tests/kernels/test_kernels_compile.py compiles exactly these), not yet timed
 # on a GPU. Under the interpreter they only decide how many masked tiles a test walks through.
 
 # Largest padded channel count that the single-pass backward holds in registers (W^-1, W^T, gW: C x C each).

@@ -8,10 +8,10 @@ from revglow._checkout_kernels import install_checkout_kernels_finder as _instal
 
 _install_checkout_kernels_finder()   # a checkout without installation finds revglow.kernels in its kernels/
 
-from revglow.config import GlowConfig  # noqa: E402
-from revglow.model import Glow  # noqa: E402
-from revglow.layers.coupling import AdditiveCoupling, AffineCoupling, TwoNetworkCoupling  # noqa: E402
-from revglow.reversible import ReconstructionError, ReconstructionWarning, ReversibleSequence, StepContractError  # noqa: E402
+from revglow.glow.config import GlowConfig  # noqa: E402
+from revglow.glow.model import Glow  # noqa: E402
+from revglow.engine.coupling import AdditiveCoupling, AffineCoupling, TwoNetworkCoupling  # noqa: E402
+from revglow.engine.sequence import ReconstructionError, ReconstructionWarning, ReversibleSequence, StepContractError  # noqa: E402
 
 __all__ = ["Glow", "GlowConfig", "ReversibleSequence", "ReconstructionError", "ReconstructionWarning",
            "StepContractError", "AdditiveCoupling", "AffineCoupling", "TwoNetworkCoupling"]

@@ -2,9 +2,9 @@
 
 The training flags are built from the fields of GlowConfig and TrainConfig (dataclasses.fields), so
 every option of either has exactly one flag, named after the field (`--n-bits`, `--batch-size`, ...), with the
-help text and choices that the field's metadata carries (revglow.config.option).
+help text and choices that the field's metadata carries (revglow.glow.config.option).
 
-A preset (revglow.presets: the paper's models and recipes) gives defaults that explicit flags override.
+A preset (revglow.training.presets: the paper's models and recipes) gives defaults that explicit flags override.
 
 Example:
     $ revglow train --max-steps 1500 --out runs/digits
@@ -26,19 +26,21 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import DATASETS, MAX_SEED, MEMORY_MODES, GlowConfig, TrainConfig
-from .data import load_dataset
-from .errors import RevglowError
-from .latents import attribute_direction, encode_images, interpolate_latents, mean_latents, move_latents
-from .presets import PRESET_NAMES, PRESETS, preset_options
-from .signals import TrainingInterrupted
+from revglow.training.checkpoints import load_checkpoint
+from revglow.engine.options import MEMORY_MODES
+from revglow.glow.config import GlowConfig
+from revglow.training.config import DATASETS, MAX_SEED, TrainConfig
+from revglow.training.data import load_dataset
+from revglow.errors import RevglowError
+from revglow.glow.latents import attribute_direction, encode_images, interpolate_latents, mean_latents, move_latents
+from revglow.training.presets import PRESET_NAMES, PRESETS, preset_options
+from revglow.training.signals import TrainingInterrupted
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS = ("train", "eval", "sample", "interpolate", "manipulate", "profile")
 
-# Model flags whose default depends on --data (revglow.train.MODEL_DEFAULTS); --print-config shows the result.
+# Model flags whose default depends on --data (revglow.training.trainer.MODEL_DEFAULTS); --print-config shows the result.
 _DATA_DEPENDENT = ("levels", "depth", "hidden", "n_bits")
 
 
@@ -100,7 +102,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[st
 
 def _data_dependent_default(name: str, fallback) -> str:
     """'depends on --data: digits 2, cifar10 3, ...' for a model flag whose default MODEL_DEFAULTS sets."""
-    from .train import MODEL_DEFAULTS
+    from revglow.training.trainer import MODEL_DEFAULTS
 
     per_data = ", ".join(f"{data} {MODEL_DEFAULTS.get(data, {}).get(name, fallback)}" for data in DATASETS)
     return f"depends on --data: {per_data}"
@@ -205,9 +207,9 @@ _FIXED_ON_RESUME = ("data", "image_size", "seed", "optimizer")   # and the optim
 
 def _train_configs(given: dict):
     """(GlowConfig, TrainConfig, data, resume state) from the flags given."""
-    from .train import (RESUME_GLOW_FIELDS, check_out_folder, default_glow_config, load_resume_state,
+    from revglow.training.trainer import (RESUME_GLOW_FIELDS, check_out_folder, default_glow_config, load_resume_state,
                         train_config_for_resume)
-    from .distributed import DistributedContext
+    from revglow.training.distributed import DistributedContext
 
     glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given}
     train_over = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given and f.name != "resume"}
@@ -243,8 +245,8 @@ def _train_configs(given: dict):
 def _preset_configs(given: dict, glow_over: dict, train_over: dict):
     """(GlowConfig, TrainConfig, data, None) of --preset with the flags given on top; with --print-config the
     data are not read (the preset fixes the image shape)."""
-    from .distributed import DistributedContext
-    from .train import check_out_folder
+    from revglow.training.distributed import DistributedContext
+    from revglow.training.trainer import check_out_folder
 
     name = given["preset"]
     glow_options, train_options = preset_options(name, glow_over, train_over)
@@ -262,7 +264,7 @@ def _preset_configs(given: dict, glow_over: dict, train_over: dict):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import end_process_group, init_from_environment
+    from revglow.training.distributed import end_process_group, init_from_environment
 
     given = vars(args)
     started_group = init_from_environment(given.get("device", "auto"))
@@ -285,7 +287,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(given: dict) -> int:
-    from .train import Trainer
+    from revglow.training.trainer import Trainer
 
     glow, config, data, state = _train_configs(given)
     if "print_config" in given:
@@ -325,7 +327,7 @@ def _train(given: dict) -> int:
 
 
 def _load_for_generation(args: argparse.Namespace):
-    from .train import load_model, resolve_device
+    from revglow.training.trainer import load_model, resolve_device
 
     if not 0 <= args.seed <= MAX_SEED:
         raise CommandError(f"--seed must be between 0 and 2**32 - 1 = {MAX_SEED}; got {args.seed}")
@@ -358,7 +360,7 @@ def _label_tensor(label: Optional[int], n: int, device) -> Optional[torch.Tensor
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_bits_per_dim, standard_error
+    from revglow.training.trainer import evaluate_bits_per_dim, standard_error
 
     _require_at_least(args, "draws", 1)
     _require_at_least(args, "batch_size", 1)
@@ -382,7 +384,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .images import save_grid
+    from revglow.training.images import save_grid
 
     _require_at_least(args, "n", 1)
     _require_at_least(args, "temperature", 0)
@@ -398,7 +400,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _load_images(model, paths: Sequence[str], device) -> torch.Tensor:
-    from .images import load_image
+    from revglow.training.images import load_image
 
     c, h, w = model.config.image_shape
     return torch.stack([load_image(p, size=(h, w), channels=c) for p in paths]).to(device)
@@ -409,7 +411,7 @@ def _encode(model, images: torch.Tensor, label: Optional[int]) -> List[torch.Ten
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
-    from .images import save_grid
+    from revglow.training.images import save_grid
 
     _require_at_least(args, "steps", 2, " (both ends are included)")
     _, model, device, label = _load_for_generation(args)
@@ -456,7 +458,7 @@ def _mean_latent(model, paths: List[Path], batch_size: int, device, label) -> Li
 
 
 def _cmd_manipulate(args: argparse.Namespace) -> int:
-    from .images import save_grid
+    from revglow.training.images import save_grid
 
     try:
         alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
@@ -495,7 +497,7 @@ def _join_negative_values(argv: List[str]) -> List[str]:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from .profile import format_table, profile
+    from revglow.memory.profile import format_table, profile
 
     given = vars(args)
     glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given and f.name != "image_shape"}

@@ -37,58 +37,40 @@ def _seed():
     yield
 
 
-# The tests that take seconds (compiling, or starting processes that import torch), with about how many seconds
-# of CPU each file or test takes. pytest-xdist's worksteal hands each worker a contiguous share of the collected
-# tests and lets an idle worker take the tail of another's queue; when a long test comes late in a share, one
-# worker can still be in it at the end while the other idles. pytest_collection_modifyitems therefore puts them
-# at the head of the shares, spread so that each worker starts with a similar amount of long work, and the short
-# tests last, to even out the end. Only the order changes: every test runs, as before.
-LONG_TESTS = {
-    "tests/test_compile.py": 9,
-    "tests/test_ddp.py": 6,
-    "tests/test_bench_ops.py": 6,
-    "tests/test_profile.py": 6,
-    "tests/test_model.py::test_memory_modes_match_autograd_in_float32_after_training": 5,
-    "tests/test_paper_scripts.py": 5,
-    "tests/test_signals.py": 5,
-    "tests/test_memory.py": 4,
-    "tests/test_benchmarks.py": 4,
-    "tests/test_compile_inductor.py": 3,
-    "tests/test_engines_benchmark.py": 3,
-    "tests/test_kernels_compile.py": 2,
-    "tests/test_class_head.py::test_the_trainer_adds_weight_y_times_the_class_bits_and_evaluates_the_head": 2,
-    "tests/test_op_workspace.py": 2,
-}
-
-# Long tests that share a cost each pytest process pays once, so they go to the same worker: the fresh-heap
-# measurements share one zygote interpreter (tests/pristine.py), the compile tests dynamo's first compile.
-SAME_WORKER = (
-    ("tests/test_profile.py", "tests/test_benchmarks.py", "tests/test_op_workspace.py"),
-    ("tests/test_compile.py", "tests/test_compile_inductor.py"),
-)
+# The tests that take seconds (compiling, or starting processes that import torch) carry the marker
+# `long(seconds, share=None)`: about how many seconds of CPU the test takes, or, as a module's pytestmark, all of the
+# module's tests together. pytest-xdist's worksteal hands each worker a contiguous share of the collected tests and
+# lets an idle worker take the tail of another's queue; when a long test comes late in a share, one worker can still
+# be in it at the end while the other idles. pytest_collection_modifyitems therefore puts them at the head of the
+# shares, spread so that each worker starts with a similar amount of long work, and the short tests last, to even
+# out the end. Only the order changes: every test runs, as before. Long tests with the same `share` pay a cost that
+# each pytest process pays once, so they go to the same worker: the fresh-heap measurements share one zygote
+# interpreter (tests/pristine.py, share="zygote"), the compile tests dynamo's first compile (share="dynamo").
 
 
-def _long_key(nodeid: str):
-    path, _, name = nodeid.partition("::")
-    for key in (f"{path}::{name.split('[')[0]}", path):
-        if key in LONG_TESTS:
-            return key
-    return None
+def _long_test(item):
+    """(group, key, seconds) of a long test, None for a short one: the key is its module for a module-wide mark,
+    else the test; the group is its share, else the key."""
+    mark = item.get_closest_marker("long")
+    if mark is None:
+        return None
+    own = any(m.name == "long" for m in getattr(getattr(item, "function", None), "pytestmark", []))
+    key = item.nodeid.split("[")[0] if own else item.nodeid.partition("::")[0]
+    return mark.kwargs.get("share") or key, key, mark.args[0]
 
 
 def pytest_collection_modifyitems(config, items):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # the same in every worker: same order
-    together = {key: family[0] for family in SAME_WORKER for key in family}
-    groups, keys_of, short = {}, {}, []
+    groups, seconds_of, short = {}, {}, []
     for item in items:
-        key = _long_key(item.nodeid)
-        if key is None:
+        long_test = _long_test(item)
+        if long_test is None:
             short.append(item)
             continue
-        family = together.get(key, key)
+        family, key, seconds = long_test
         groups.setdefault(family, []).append(item)
-        keys_of.setdefault(family, set()).add(key)
-    seconds = {family: sum(LONG_TESTS[key] for key in keys) for family, keys in keys_of.items()}
+        seconds_of.setdefault(family, {})[key] = seconds
+    seconds = {family: sum(keys.values()) for family, keys in seconds_of.items()}
     # The shares worksteal sends at the start: the first of k workers gets n // k tests, the next a
     # (k - 1)-th of the rest, and so on (xdist/scheduler/worksteal.py, check_schedule).
     sizes, left = [], len(items)

@@ -2,7 +2,7 @@
 
 `@forked` is for tests that measure the process's resident set.
 
-revglow.device_peak.ResidentSet tells glibc to map and unmap every block above 64 KiB for the rest of the process
+revglow.memory.device_meters.ResidentSet tells glibc to map and unmap every block above 64 KiB for the rest of the process
 (it must: with larger thresholds freed blocks stay in glibc's heap, are reused, and the resident set no longer
 follows live memory). In a pytest worker that would make every later test's large allocations system calls and
 fresh pages (a training step about 20% slower). A forked child inherits the worker's imports, so it starts at

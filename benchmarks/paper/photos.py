@@ -41,7 +41,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    from revglow.data import load_dataset
+    from revglow.training.data import load_dataset
 
     args = parse(argv)
     runs.start(args)

@@ -243,7 +243,7 @@ def finish(args: argparse.Namespace, summary: Sequence[dict], rows: Sequence[dic
 def sample_rows(checkpoint: str, temperatures: Sequence[float], n: int, seed: int) -> List[torch.Tensor]:
     """`n` samples per temperature from the EMA weights of `checkpoint`, images in [0, 1]. Every row starts from
     the same latent draw (generator seeded with `seed`), so the rows differ by the temperature alone."""
-    from revglow.evaluation import load_model
+    from revglow.training.evaluation import load_model
 
     model = load_model(checkpoint, torch.device("cpu"))
     model.eval()
@@ -259,7 +259,7 @@ def plot_sample_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from revglow.images import make_grid
+    from revglow.training.images import make_grid
 
     grids = [make_grid(r, nrow=r.shape[0]).permute(1, 2, 0).numpy() for r in rows]
     h, w = grids[0].shape[:2]

@@ -2,7 +2,7 @@
 
 Pure-PyTorch reference beside the dispatching entry points; Triton kernels live in kernels/actnorm_conv1x1.py.
 The reference is built from the two maps it fuses, `actnorm_reference` and `channel_mix`, which the unfused
-layers (revglow.layers.ActNorm and the channel mixings) run too.
+layers (revglow.glow.layers.actnorm.ActNorm and the channel mixings) run too.
 
 Shapes: x, y: [N, C, H, W]; scale s, bias b: [C]; weight W, weight_inv W^-1: [C, C].
 The log-determinant, H*W*(sum log|s| + log|det W|), depends on parameters only and is computed by the
@@ -47,7 +47,7 @@ def _channel_outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def actnorm_reference(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """u = s * x + b per channel: ActNorm alone (revglow.layers.ActNorm runs this)."""
+    """u = s * x + b per channel: ActNorm alone (revglow.glow.layers.actnorm.ActNorm runs this)."""
     return x * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
 
 
