@@ -4,14 +4,16 @@ A checkpoint is a plain dict that `torch.load(path, weights_only=True)` accepts:
 lists, tuples, ints, floats, strings, bools and None only. It carries FORMAT_KEY = FORMAT_NAME and a
 version so that a foreign file is recognised as such.
 
-Writing is atomic (`save_checkpoint`): a temporary file in the same folder is written, flushed and
-fsynced, then renamed over the target with `os.replace`, and the folder is fsynced. A crash at any
-point leaves either the old file or the new one, never a torn one (and a temporary file that
-`remove_stale_temp_files` clears at the start of the next run).
+Writing is atomic (`save_checkpoint`, and `atomic_writer` for any file of a run): a temporary file in the
+same folder is written, flushed and fsynced, then renamed over the target with `os.replace`, and the folder
+is fsynced. A crash at any point leaves either the old file or the new one, never a torn one (and a
+temporary file that `remove_stale_temp_files` clears at the start of the next run). The file gets the
+mode the umask gives new files (0666 & ~umask), as one written with open() would.
 
 Reading is verified (`load_checkpoint`): `torch.save` writes a zip container with a CRC-32 per member,
 which `torch.load` never checks; every member is read and its CRC compared before the file is
 unpickled, so a file with flipped or overwritten bytes is refused instead of loading garbage weights.
+The format version, the step and the run id (when present) must be ones revglow writes.
 
 Example:
     >>> import tempfile, torch, os
@@ -26,11 +28,11 @@ import contextlib
 import os
 import random
 import re
+import secrets
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,7 +43,10 @@ __all__ = [
     "FORMAT_KEY",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "RUN_ID_KEY",
     "CheckpointError",
+    "atomic_writer",
+    "is_run_id",
     "save_checkpoint",
     "load_checkpoint",
     "link_or_copy_atomic",
@@ -58,9 +63,13 @@ PathLike = Union[str, os.PathLike]
 FORMAT_KEY = "format"
 FORMAT_NAME = "revglow-checkpoint"
 FORMAT_VERSION = 1
+# The key of the run id (uuid4 hex, see revglow.training.run_folder) that a trainer's checkpoints carry.
+RUN_ID_KEY = "run_id"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
-# Temporary names of the two atomic writers: `.NAME.XXXXXXXX.tmp` (save_checkpoint), `.NAME.PID.tmp` (links).
-_TEMP_FILE = re.compile(r"^\.checkpoint(-\d+)?\.pt\..+\.tmp$")
+# Temporary names of the atomic writers: `.NAME.XXXXXXXX.tmp` (atomic_writer), `.NAME.PID.tmp` (links), for the
+# files a run writes this way: its checkpoints, metrics.jsonl and run.json.
+_TEMP_FILE = re.compile(r"^\.(checkpoint(-\d+)?\.pt|metrics\.jsonl|run\.json)\..+\.tmp$")
 _CRC_CHUNK = 1 << 22
 
 
@@ -97,26 +106,73 @@ def _replacing(target: Path, tmp_path: Path):
     _fsync_directory(target.parent if str(target.parent) else Path("."))
 
 
+def _create_temp_file(folder: Path, name: str) -> Tuple[Path, BinaryIO]:
+    """A new file `.NAME.XXXXXXXX.tmp` in `folder`, open for binary writing.
+
+    Created with mode 0666, which the kernel reduces by the umask, as open() does: tempfile's files are 0600
+    whatever the umask, which left checkpoints unreadable to the group that the umask meant to share them with.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp_path = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp_path, flags, 0o666)
+        except FileExistsError:
+            continue
+        return tmp_path, os.fdopen(fd, "wb")
+    raise FileExistsError(f"{folder}: could not create a temporary file for {name} (100 names taken)")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: PathLike) -> Iterator[BinaryIO]:
+    """A binary handle whose contents replace `path` atomically when the block ends without an error.
+
+    The data go to a temporary file beside `path`, which is fsynced and renamed over `path` (os.replace: a
+    symbolic link at `path` is replaced itself, its target is never written), then the folder is fsynced. On
+    any error the temporary file is removed and `path` is left as it was.
+
+    Example:
+        >>> import tempfile, os
+        >>> target = os.path.join(tempfile.mkdtemp(), "run.json")
+        >>> with atomic_writer(target) as handle:
+        ...     _ = handle.write(b"{}")
+        >>> open(target).read()
+        '{}'
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_path, handle = _create_temp_file(folder, path.name)
+    with _replacing(path, tmp_path), handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def save_checkpoint(state: Dict, path: PathLike) -> Path:
-    """Write `state` to `path` atomically (temporary file, fsync, os.replace, fsync of the folder).
+    """Write `state` to `path` atomically (temporary file, fsync, os.replace, fsync of the folder), with the
+    mode the umask gives new files.
 
     The FORMAT_KEY/version entries are added. On any failure the temporary file is removed and the
     previous file at `path`, if any, is left as it was.
     """
     if not isinstance(state, dict):
         raise TypeError(f"save_checkpoint expects a dict; got {type(state).__name__}")
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
     payload = dict(state)
     payload[FORMAT_KEY] = FORMAT_NAME
     payload["format_version"] = FORMAT_VERSION
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    with _replacing(path, Path(handle.name)), handle:
+    with atomic_writer(path) as handle:
         torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return path
+    return Path(path)
+
+
+def is_run_id(value: object) -> bool:
+    """Whether `value` is a run id as revglow writes them: 32 lowercase hex digits (uuid4().hex).
+
+        >>> is_run_id("0123456789abcdef0123456789abcdef"), is_run_id("../x"), is_run_id(None)
+        (True, False, False)
+    """
+    return isinstance(value, str) and _RUN_ID.match(value) is not None
 
 
 def link_or_copy_atomic(source: PathLike, target: PathLike) -> Path:
@@ -182,14 +238,29 @@ def load_checkpoint(path: PathLike, map_location: Optional[Union[str, torch.devi
         raise CheckpointError(f"{path}: cannot read the checkpoint: {why} ({type(exc).__name__}: {text})") from exc
     if not isinstance(state, dict) or state.get(FORMAT_KEY) != FORMAT_NAME:
         raise CheckpointError(f"{path}: not a revglow checkpoint (a PyTorch file without {FORMAT_KEY}={FORMAT_NAME!r})")
-    version = state.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this revglow "
-                              f"understands ({FORMAT_VERSION})")
+    _check_header(path, state)
     missing = [key for key in required if key not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return state
+
+
+def _check_header(path: Path, state: Dict) -> None:
+    """Refuse a format version, step or run id that revglow never writes (a crafted or damaged file)."""
+    version = state.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:       # type(), not isinstance: True is no version
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this revglow "
+                              f"understands ({FORMAT_VERSION})")
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is not one revglow writes (an int "
+                              f"from 1 to {FORMAT_VERSION})")
+    step = state.get("step", 0)
+    if type(step) is not int or step < 0:
+        raise CheckpointError(f"{path}: the checkpoint's step {step!r} is not a count of steps (an int >= 0)")
+    run_id = state.get(RUN_ID_KEY)
+    if run_id is not None and not is_run_id(run_id):
+        raise CheckpointError(f"{path}: the checkpoint's {RUN_ID_KEY} {str(run_id)[:40]!r} is not a run id "
+                              f"(32 lowercase hex digits)")
 
 
 def step_checkpoint_path(folder: PathLike, step: int) -> Path:

@@ -1,18 +1,27 @@
 """What a training run logs: metrics.jsonl (one JSON object per line), TensorBoard events when asked for, and
-the peak memory figure of the progress bar."""
+the peak memory figure of the progress bar.
+
+metrics.jsonl is only ever appended to during a run. A resume drops the rows logged after the checkpoint's
+step (those steps are done again) by writing the rows it keeps to a new file beside it and renaming that over
+metrics.jsonl (os.replace), so a kill at any moment leaves the old file or the new one, whole. A symbolic link
+at OUT/metrics.jsonl is refused on resume (appending and trimming would write its target, a file outside the
+run that revglow does not own); a fresh run removes the link itself, never its target, and starts a plain file.
+"""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, TextIO
 
 import torch
 
-from revglow.errors import ConfigError
+from revglow.errors import ConfigError, RevglowError
+from revglow.training.checkpoints import atomic_writer
 
-__all__ = ["MetricsLog", "NoMetrics", "METRICS_NAME", "peak_memory_mb"]
+__all__ = ["MetricsLog", "NoMetrics", "MetricsFileError", "METRICS_NAME", "peak_memory_mb", "trim_metrics_file"]
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -37,27 +46,86 @@ def _summary_writer_class():
 
 # ------------------------------------------------------------------------------------------ metrics
 
+class MetricsFileError(RevglowError, ValueError):
+    """OUT/metrics.jsonl is a symbolic link (on resume), or cannot be opened for appending."""
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise MetricsFileError(f"{path} is a symbolic link; a resumed run appends to metrics.jsonl and drops the "
+                               f"rows after its step, which would change the link's target: replace the link with "
+                               f"a copy of that file, or remove it, and resume again")
+
+
+def _kept_row(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line stays on a resume from `step`: a whole JSON object of a step up to it."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False            # torn by a kill in the middle of a write
+    row_step = row.get("step", 0) if isinstance(row, dict) else None
+    return isinstance(row_step, (int, float)) and not isinstance(row_step, bool) and row_step <= step
+
+
+def trim_metrics_file(path: Path, step: int) -> int:
+    """Drop the rows of `path` (metrics.jsonl) logged after `step`, and torn lines, atomically (a new file
+    beside it renamed over it); returns how many lines went. The file is left untouched when all stay.
+    A symbolic link is refused (MetricsFileError), whatever it points to.
+
+        >>> import tempfile, pathlib
+        >>> log = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
+        >>> _ = log.write_text('{"step": 1}\\n{"step": 2}\\n{"step": 3, "bpd"')
+        >>> trim_metrics_file(log, 1), log.read_text()
+        (2, '{"step": 1}\\n')
+    """
+    path = Path(path)
+    _refuse_link(path)
+    if not path.exists():
+        return 0
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")          # not splitlines(): it also splits at characters JSON strings may hold
+    if lines[-1] == "":
+        lines.pop()
+    kept = [line for line in lines if _kept_row(line, step)]
+    if len(kept) == len(lines) and (not text or text.endswith("\n")):
+        return 0
+    with atomic_writer(path) as handle:
+        handle.write("".join(line + "\n" for line in kept).encode("utf-8"))
+    return len(lines) - len(kept)
+
+
+def _open_for_append(path: Path) -> TextIO:
+    """metrics.jsonl opened for appending, created with the mode the umask gives; never through a symbolic link."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        _refuse_link(path)
+        raise MetricsFileError(f"cannot open {path} for appending: {exc.strerror or exc}") from exc
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line), plus TensorBoard events when asked for."""
+    """metrics.jsonl (one JSON object per line, appended), plus TensorBoard events when asked for.
+
+    On resume (`resume_step` given) the rows after that step are dropped first (trim_metrics_file); a fresh run
+    (`resume_step` None) starts the file anew.
+    """
 
     def __init__(self, folder: Path, resume_step: Optional[int], tensorboard: bool = False) -> None:
-        self.path = folder / METRICS_NAME
-        if resume_step is not None and self.path.exists():
-            # Drop what was logged after the checkpoint we resume from: those steps are done again.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        self.path = Path(folder) / METRICS_NAME
+        if resume_step is not None:
+            trim_metrics_file(self.path, resume_step)
+        elif os.path.lexists(self.path):
+            self.path.unlink()            # a symbolic link goes, its target stays
+        self.handle = _open_for_append(self.path)
         self.tensorboard = None
         if tensorboard:
-            self.tensorboard = _summary_writer_class()(str(folder / "tensorboard"), purge_step=resume_step)
-        self.handle = open(self.path, "a", encoding="utf-8")
+            try:
+                self.tensorboard = _summary_writer_class()(str(Path(folder) / "tensorboard"), purge_step=resume_step)
+            except BaseException:
+                self.handle.close()
+                raise
 
     def write(self, record: Dict) -> None:
         self.handle.write(json.dumps(record) + "\n")

@@ -118,3 +118,82 @@ def test_stale_temp_files_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert sorted(remove_stale_temp_files(tmp_path)) == sorted(ours)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in theirs)
+
+
+def test_stale_temp_files_of_metrics_and_run_info_are_removed(tmp_path):
+    from revglow.training.checkpoints import remove_stale_temp_files
+
+    ours = [tmp_path / ".metrics.jsonl.0f0f0f0f.tmp", tmp_path / ".run.json.1a2b3c4d.tmp"]
+    theirs = [tmp_path / "metrics.jsonl", tmp_path / "run.json", tmp_path / ".metrics.jsonl.tmp"]
+    for path in ours + theirs:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in theirs)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoint_mode_follows_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(_state(1), tmp_path / "c.pt")
+        save_checkpoint(_state(2), path)                    # replacing a file gives the new one the same mode
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")                              # what open() gives under this umask
+    finally:
+        os.umask(previous)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask) == (plain.stat().st_mode & 0o777)
+    assert load_checkpoint(path)["step"] == 2
+
+
+def test_atomic_writer_replaces_a_link_never_its_target(tmp_path):
+    from revglow.training.checkpoints import atomic_writer
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    (tmp_path / "run.json").symlink_to(target)
+    with atomic_writer(tmp_path / "run.json") as handle:
+        handle.write(b"{}")
+    assert not (tmp_path / "run.json").is_symlink() and (tmp_path / "run.json").read_text() == "{}"
+    assert target.read_text() == "keep me"
+    with pytest.raises(RuntimeError, match="half way"):
+        with atomic_writer(tmp_path / "run.json") as handle:
+            handle.write(b"partial")
+            raise RuntimeError("half way")
+    assert (tmp_path / "run.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "run.json"]
+
+
+def _raw_checkpoint(path, **entries):
+    state = {"format": "revglow-checkpoint", "format_version": 1, "step": 3, "model": {}}
+    state.update(entries)
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("version", [0, -5, True, False, 1.0, "1", None, [1]])
+def test_odd_format_versions_are_refused(tmp_path, version):
+    path = _raw_checkpoint(tmp_path / "v.pt", format_version=version)
+    with pytest.raises(CheckpointError, match=r"v\.pt: checkpoint format version .* not one revglow writes") as caught:
+        load_checkpoint(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_newer_format_version_is_named_newer(tmp_path):
+    with pytest.raises(CheckpointError, match="format version 2 is newer than this revglow understands"):
+        load_checkpoint(_raw_checkpoint(tmp_path / "v.pt", format_version=2))
+
+
+@pytest.mark.parametrize("step", [-1, -100, True, 2.5, "3", None])
+def test_odd_steps_are_refused(tmp_path, step):
+    path = _raw_checkpoint(tmp_path / "s.pt", step=step)
+    with pytest.raises(CheckpointError, match=r"s\.pt: the checkpoint's step .* is not a count of steps"):
+        load_checkpoint(path)
+
+
+def test_run_id_must_be_hex(tmp_path):
+    good = "0123456789abcdef" * 2
+    assert load_checkpoint(_raw_checkpoint(tmp_path / "a.pt", run_id=good))["run_id"] == good
+    assert load_checkpoint(_raw_checkpoint(tmp_path / "b.pt", run_id=None))["run_id"] is None
+    for bad in ("../../etc", good.upper(), good[:-1], 7):
+        with pytest.raises(CheckpointError, match=r"c\.pt: the checkpoint's run_id .* is not a run id"):
+            load_checkpoint(_raw_checkpoint(tmp_path / "c.pt", run_id=bad))
