@@ -30,6 +30,19 @@ def check_logscale_factor(name: str, value, allow_none: bool) -> Optional[float]
     return float(value)
 
 
+def _check_tolerance(value) -> Optional[float]:
+    """GlowConfig.reconstruction_tol: None (the engine derives it from the networks' precision) or a positive
+    finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"GlowConfig.reconstruction_tol must be a number or None; got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"GlowConfig.reconstruction_tol must be a positive finite number or None (follow the "
+                          f"networks' precision); got {value!r}")
+    return float(value)
+
+
 @dataclass
 class GlowConfig:
     """Architecture and execution options of a multi-scale Glow model (paper, section 3).
@@ -74,7 +87,9 @@ class GlowConfig:
     # input, kept at forward time, with the same fingerprint of the input its backward rebuilt.
     check_reconstruction: str = option("warn", "check of the reversible engine's rebuilt inputs",
                                        RECONSTRUCTION_CHECKS)
-    reconstruction_tol: float = option(1e-3, "relative error above which that check fires")
+    reconstruction_tol: Optional[float] = option(None, "relative error above which that check fires ('none': "
+                                                 "follow the networks' precision, 1e-3 without autocast and wider "
+                                                 "under it)")
 
     def __post_init__(self) -> None:
         shape = self.image_shape
@@ -103,8 +118,7 @@ class GlowConfig:
                 f"GlowConfig.image_shape {self.image_shape}: H and W must be divisible by 2**levels = {factor} "
                 f"(levels={self.levels})")
         check_choices(self)
-        if not isinstance(self.reconstruction_tol, (int, float)) or not self.reconstruction_tol > 0:
-            raise ConfigError(f"GlowConfig.reconstruction_tol must be a positive number; got {self.reconstruction_tol!r}")
+        self.reconstruction_tol = _check_tolerance(self.reconstruction_tol)
 
     @property
     def num_dims(self) -> int:

@@ -33,10 +33,16 @@ torch.utils.checkpoint's). So it is asked for with `release=True` by a caller th
 output right away (the reversible engine's recomputation); otherwise the Function saves r1 and r2 normally.
 Either way a second backward (retain_graph) recomputes what the first one freed, and a double backward
 (create_graph) differentiates the reference instead.
+
+Under autocast the op keeps its memory saving in the autocast dtype: the weights are folded in float32, then the
+input and the folded weights are cast to that dtype and the three convolutions run there with autocast off (what
+autocast would run them in), so what the Function keeps for backward (x, r1, r2) is low precision too: half of
+float32's. The output is in the autocast dtype, as an autocast convolution's; the cast's backward brings the
+gradients of x and of the float32 weights back to float32.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +123,13 @@ class _CouplingNetworkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Its inputs come in the dtype to compute in (see coupling_network): an enclosing autocast, which the
+        # reversible engine replays around its backward, must not cast them again.
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _CouplingNetworkFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         saved = ctx.saved_tensors   # once: torch.utils.checkpoint allows one unpack
         x, w1, b1, w2, b2, w3, b3 = saved[:7]
         edge_padding = ctx.edge_padding
@@ -164,19 +177,34 @@ class _CouplingNetworkFunction(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, None, None
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a convolution of x in, or None when it would leave x as it is (autocast off on
+    x's device, or x not a float32 / low-precision tensor: autocast leaves float64 alone)."""
+    if not torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
 def coupling_network(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out,
                      edge_padding, release: bool = False):
     """`coupling_network_reference`'s map, through the memory-lean Function (see the module docstring); same
     arguments. `release=True`: the caller runs exactly one backward through the output, right away (the wide
-    intermediates are then freed as that backward uses them, and bypass saved-tensor hooks). Under autocast it
-    runs the reference, whose per-op casting autocast defines."""
-    if torch.is_autocast_enabled(x.device.type):
-        return coupling_network_reference(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out,
-                                          b_out, s_out, edge_padding)
+    intermediates are then freed as that backward uses them, and bypass saved-tensor hooks). Under autocast the
+    convolutions run in the autocast dtype, and so does what is kept for backward; the output is in that dtype."""
     w1, b1 = fold_scale_shift(w_in, b_in, s_in, t_in)
     w2, b2 = fold_scale_shift(w_hidden, b_hidden, s_hidden, t_hidden)
     w3, b3 = fold_scale_shift(w_out, b_out, s_out, None)
     tensors = (x, w1, b1, w2, b2, w3, b3)
+    low = _autocast_dtype(x)
+    if low is None:
+        return _lean(tensors, edge_padding, release)
+    tensors = tuple(None if t is None else t.to(low) for t in tensors)   # differentiable casts
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _lean(tensors, edge_padding, release)
+
+
+def _lean(tensors: Tuple[Optional[Tensor], ...], edge_padding: bool, release: bool) -> Tensor:
+    """(x, w1, b1, w2, b2, w3, b3) through the lean Function, or its plain forward when no graph is needed."""
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        return _forward(x, w1, b1, w2, b2, w3, b3, edge_padding)
-    return _CouplingNetworkFunction.apply(x, w1, b1, w2, b2, w3, b3, bool(edge_padding), bool(release))
+        return _forward(*tensors, edge_padding)
+    return _CouplingNetworkFunction.apply(*tensors, bool(edge_padding), bool(release))

@@ -12,7 +12,7 @@ import torch
 from revglow.glow.layers.actnorm import ActNorm
 from revglow.engine.invertible import InverseVJPResult, InvertibleModule, grads_for
 from revglow.glow.layers.pixelwise import logdet_per_sample
-from revglow.engine.coupling import flow_autocast_off
+from revglow.engine.coupling import float32_flow
 from revglow.glow.layers.coupling import Coupling
 from revglow.glow.layers.permutation import make_channel_mixing
 from revglow.ops import actnorm_conv1x1 as ops
@@ -58,7 +58,7 @@ class FlowStep(InvertibleModule):
         return self.actnorm.logdet_per_pixel() + self.mixing.logdet_per_pixel()
 
     def forward(self, x, context: Optional[torch.Tensor] = None):
-        with flow_autocast_off(x):
+        with float32_flow(x):
             if not self.actnorm.is_initialized:
                 self.actnorm.initialize_from(x)
             s, b, w = self._scale_bias_weight(x)
@@ -71,7 +71,7 @@ class FlowStep(InvertibleModule):
         if not self.actnorm.is_initialized:
             raise RuntimeError("FlowStep is not initialized: run a forward pass on data (or Glow.initialize) first")
         z, logdet_coupling = self.coupling.inverse(y, context)
-        with flow_autocast_off(y):
+        with float32_flow(y):
             s, b, _ = self._scale_bias_weight(y)
             w_inv = self.mixing.weight_inverse().to(y.dtype)
             x = ops.actnorm_conv1x1_inverse(z, s, b, w_inv, resolve_backend(self.kernels, y), compile=self.compile)
@@ -81,7 +81,7 @@ class FlowStep(InvertibleModule):
                     context: Optional[torch.Tensor] = None) -> InverseVJPResult:
         out = self.coupling.inverse_vjp(y, grad_y, grad_logdet, context)
         z, grad_z, param_grads = out[:3]
-        with flow_autocast_off(y), torch.enable_grad():
+        with float32_flow(y), torch.enable_grad():
             s, b, w = self._scale_bias_weight(y)
             w_inv = self.mixing.weight_inverse().to(y.dtype)
             with torch.no_grad():   # closed-form math: nothing to record
