@@ -9,8 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["revglow", "revglow.engine", "revglow.glow", "revglow.glow.layers", "revglow.training", "revglow.memory",
-              "revglow.ops", "revglow.kernels"],
+    packages=["revglow", "revglow.cli", "revglow.engine", "revglow.glow", "revglow.glow.layers", "revglow.training",
+              "revglow.training.readers", "revglow.memory", "revglow.ops", "revglow.kernels"],
     # kernels/ lives at the top level of the repository but is installed as revglow.kernels:
     # a top-level module named `kernels` would collide with an existing package on PyPI.
     package_dir={"revglow": "revglow", "revglow.kernels": "kernels"},

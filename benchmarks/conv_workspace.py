@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from revglow.memory.device_meters import ResidentSet
 from revglow.memory.workspaces import OpWorkspaces
-from revglow.memory.profile import LiveStorageTracker
+from revglow.memory.live_storage import LiveStorageTracker
 
 MiB = 2 ** 20
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from common import append_rows, environment  # noqa: E402
 from modes import MODES, activation, build_models, example_images  # noqa: E402
 from revglow import GlowConfig  # noqa: E402
-from revglow.memory.profile import parse_size, plan_batch  # noqa: E402
+from revglow.memory.planner import parse_size, plan_batch  # noqa: E402
 
 CELEBA_HQ = dict(image_shape=(3, 256, 256), levels=6, depth=32, hidden=512, coupling="additive", n_bits=5)
 BUDGETS = ("24GiB", "48GiB", "80GiB", "141GiB")

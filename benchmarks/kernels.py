@@ -136,6 +136,7 @@ def _rel_err(a, b) -> float:
 
 def _actnorm_conv1x1_cases(shape, device):
     from revglow.kernels import actnorm_conv1x1 as k
+    from revglow.kernels import actnorm_conv1x1_backward as kb
     from revglow.ops import actnorm_conv1x1 as ref
 
     c, n, h, w = shape
@@ -153,7 +154,7 @@ def _actnorm_conv1x1_cases(shape, device):
                     lambda: ref.actnorm_conv1x1_reference(x, scale, bias, weight)),
         "inverse": (lambda: k.actnorm_conv1x1_inverse_launch(y, scale, bias, weight_inv),
                     lambda: ref.actnorm_conv1x1_inverse_reference(y, scale, bias, weight_inv)),
-        "backward": (lambda: k.actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv),
+        "backward": (lambda: kb.actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv),
                      lambda: ref.actnorm_conv1x1_reversible_backward_reference(y, grad_y, scale, bias, weight,
                                                                                weight_inv)),
     }, {d: actnorm_conv1x1_bytes(n, c, h, w, d) for d in DIRECTIONS}, x

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from revglow import Glow, GlowConfig, ReversibleSequence
-from revglow.memory.profile import LiveStorageTracker
+from revglow.memory.live_storage import LiveStorageTracker
 
 __all__ = ["MODES", "SegmentCheckpointed", "build_glow", "build_models", "example_images", "activation",
            "segments_for"]

@@ -6,8 +6,8 @@ outputs and launch. The pure-PyTorch references and the autograd wiring live in 
 from revglow.kernels.actnorm_conv1x1 import (  # noqa: F401
     actnorm_conv1x1_forward_launch,
     actnorm_conv1x1_inverse_launch,
-    actnorm_conv1x1_reversible_backward_launch,
 )
+from revglow.kernels.actnorm_conv1x1_backward import actnorm_conv1x1_reversible_backward_launch  # noqa: F401
 from revglow.kernels.coupling_affine import (  # noqa: F401
     coupling_affine_forward_launch,
     coupling_affine_inverse_launch,

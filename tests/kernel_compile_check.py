@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from revglow.kernels import actnorm_conv1x1 as an  # noqa: E402
+from revglow.kernels import actnorm_conv1x1_backward as anb  # noqa: E402
 from revglow.kernels import coupling_affine as cp  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -58,23 +59,23 @@ def _resources(compiled) -> str:
 
 def configurations():
     """(label, kernel, pointer dtypes, constexprs, num_warps) for every configuration the launchers use."""
-    precision = an._dot_precision()
+    precision = an.dot_precision()
     for c in (4, 8, 12, 24, 48, 96, 192, 384):
         t = an.mix_tiles(c)
         yield (f"channel mix C={c}", an._channel_affine_mix_kernel, {},
                dict(BLOCK_CO=t.block_co, BLOCK_K=t.block_k, BLOCK_P=t.block_p, USE_DOT=t.use_dot,
                     DOT_PRECISION=precision), t.num_warps)
     for c_block in (4, 8, 16, 32, 64):
-        t = an.fused_backward_tiles(c_block)
+        t = anb.fused_backward_tiles(c_block)
         for write_x in (True, False):
-            yield (f"fused backward C_BLOCK={c_block} WRITE_X={write_x}", an._actnorm_conv1x1_bwd_fused_kernel, {},
+            yield (f"fused backward C_BLOCK={c_block} WRITE_X={write_x}", anb._actnorm_conv1x1_bwd_fused_kernel, {},
                    dict(C_BLOCK=c_block, BLOCK_P=t.block_p, USE_DOT=t.use_dot, DOT_PRECISION=precision,
                         WRITE_X=write_x), t.num_warps)
-    wide = an.WIDE_BACKWARD_TILES
-    yield ("wide backward rebuild", an._actnorm_conv1x1_bwd_rebuild_kernel, {},
+    wide = anb.WIDE_BACKWARD_TILES
+    yield ("wide backward rebuild", anb._actnorm_conv1x1_bwd_rebuild_kernel, {},
            dict(BLOCK_C=wide.block_c, BLOCK_K=wide.block_k, BLOCK_P=wide.rebuild_block_p, DOT_PRECISION=precision),
            wide.num_warps)
-    yield ("wide backward grad_weight", an._actnorm_conv1x1_grad_weight_kernel, {},
+    yield ("wide backward grad_weight", anb._actnorm_conv1x1_grad_weight_kernel, {},
            dict(BLOCK_C=wide.block_c, BLOCK_P=wide.grad_weight_block_p, DOT_PRECISION=precision), wide.num_warps)
     for h_type in ("*fp32", "*bf16"):
         for inverse in (False, True):

@@ -21,6 +21,7 @@ ALLOWED = {
     "glow": {"engine", "ops", "kernels", "errors", "config_fields"},
     "training": {"glow", "engine", "ops", "kernels", "errors", "config_fields"},
     "memory": {"glow", "engine", "ops", "kernels", "errors", "config_fields"},
+    "cli": {"training", "memory", "glow", "engine", "ops", "kernels", "errors", "config_fields"},
 }
 
 
@@ -57,3 +58,45 @@ def test_the_checker_sees_a_wrong_way_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from revglow.training.trainer import Trainer\n    import revglow.glow.model\n")
     assert [target for _, target in _revglow_imports(bad)] == ["training", "glow"]
+
+
+# ---------------------------------------------------------------------------------------------------- unit sizes
+# Units a newcomer reads once: no module of revglow/ or kernels/ over 450 lines, no class over 200, no function
+# (method included) over 70. Tests and benchmarks are exempt. Measured with ast: a module is its number of lines, a
+# class or function runs from its `class`/`def` line to its last line (end_lineno - lineno + 1).
+SIZE_LIMITS = {"module": 450, "class": 200, "function": 70}
+SIZED_ROOTS = (PACKAGE, PACKAGE.parent / "kernels")
+
+
+def _oversized_units(path: pathlib.Path):
+    source = path.read_text()
+    lines = len(source.splitlines())
+    if lines > SIZE_LIMITS["module"]:
+        yield f"module of {lines} lines"
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if isinstance(node, ast.ClassDef):
+            kind = "class"
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            kind = "function"
+        else:
+            continue
+        size = node.end_lineno - node.lineno + 1
+        if size > SIZE_LIMITS[kind]:
+            yield f"{kind} {node.name} (line {node.lineno}) of {size} lines"
+
+
+def test_modules_classes_and_functions_stay_within_their_limits():
+    wrong = [f"{path.relative_to(PACKAGE.parent)}: {unit}"
+             for root in SIZED_ROOTS for path in sorted(root.rglob("*.py")) for unit in _oversized_units(path)]
+    assert not wrong, f"over the limits {SIZE_LIMITS}:\n" + "\n".join(wrong)
+
+
+def test_the_size_check_sees_each_kind_of_oversized_unit(tmp_path):
+    at_the_limits = tmp_path / "at_the_limits.py"      # a class of 200 lines, a function of 70, 450 lines in all
+    at_the_limits.write_text("class Small:\n" + "    x = 1\n" * 199 + "\n\ndef f():\n" + "    pass\n" * 69
+                             + "x = 1\n" * 178)
+    assert list(_oversized_units(at_the_limits)) == []
+    over = tmp_path / "over.py"                         # one line more of each
+    over.write_text("class Big:\n" + "    x = 1\n" * 200 + "\n\ndef f():\n" + "    pass\n" * 70 + "x = 1\n" * 177)
+    assert list(_oversized_units(over)) == ["module of 451 lines", "class Big (line 1) of 201 lines",
+                                            "function f (line 204) of 71 lines"]

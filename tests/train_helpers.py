@@ -2,7 +2,7 @@
 import json
 
 from revglow import GlowConfig
-from revglow.training.trainer import TrainConfig
+from revglow.training.config import TrainConfig
 
 TINY = GlowConfig(image_shape=(1, 8, 8), levels=2, depth=2, hidden=16)
 

@@ -6,12 +6,14 @@ The steps of each level run through `ReversibleSequence`, so `GlowConfig.memory`
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revglow.glow.checks import (check_inputs, check_latents, check_raw_images, check_sample_request,
+                                 require_class_head, require_initialized)
 from revglow.glow.config import GlowConfig
 from revglow.glow.layers.flowstep import FlowStep
 from revglow.glow.layers.prior import SplitPrior, TopPrior
@@ -27,6 +29,56 @@ _LOG_2PI = math.log(2 * math.pi)
 
 def _standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (eps * eps + _LOG_2PI)).flatten(1).sum(1)
+
+
+def _bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bins: int) -> torch.Tensor:
+    """Bits/dim of the discrete images from the log density of their dequantized values (see Glow.bits_per_dim)."""
+    return -(log_prob - num_dims * math.log(n_bins)) / (num_dims * math.log(2.0))
+
+
+def _build_levels(config: GlowConfig) -> Tuple[List[ReversibleSequence], List[SplitPrior], List[Tuple[int, int, int]],
+                                               List[Tuple[int, int]]]:
+    """(flows, split priors, latent shapes, step sizes) of config's levels, bottom first: each level's
+    ReversibleSequence of `depth` flow steps, the split prior of every level but the top, the shape (C, H, W) of
+    each level's latent (the last: the top level's), and the (H, W) at which each level's steps run. The modules are
+    built level by level, steps before split, which fixes the order of their random initial weights."""
+    c, h, w = config.image_shape
+    flows, splits, latent_shapes, level_sizes = [], [], [], []
+    seed = 0
+    for level in range(config.levels):
+        c, h, w = 4 * c, h // 2, w // 2
+        level_sizes.append((h, w))
+        steps = []
+        for _ in range(config.depth):
+            steps.append(FlowStep(c, config.hidden, config.coupling, config.permutation, config.kernels, seed,
+                                  context_channels=config.context_channels, compile=config.compile,
+                                  nn_actnorm=config.nn_actnorm, edge_padding=config.edge_padding,
+                                  zero_logscale_factor=config.zero_logscale_factor,
+                                  actnorm_logscale_factor=config.actnorm_logscale_factor))
+            seed += 1
+        flows.append(ReversibleSequence(steps, config.memory, config.check_reconstruction, config.reconstruction_tol))
+        if level < config.levels - 1:
+            split = SplitPrior(c, config.edge_padding, config.zero_logscale_factor)
+            splits.append(split)
+            latent_shapes.append((c - split.kept, h, w))
+            c = split.kept
+    latent_shapes.append((c, h, w))
+    return flows, splits, latent_shapes, level_sizes
+
+
+def _level_contexts(context: Optional[torch.Tensor], model: "Glow") -> List[Optional[torch.Tensor]]:
+    """The context resized to each level's spatial size (model.level_sizes), in the model's dtype: area average
+    when shrinking, bilinear when growing."""
+    if context is None:
+        return [None] * len(model.level_sizes)
+    context = context.to(model._param_dtype())
+    out = []
+    for h, w in model.level_sizes:
+        if context.shape[2] >= h and context.shape[3] >= w:
+            out.append(F.adaptive_avg_pool2d(context, (h, w)))
+        else:
+            out.append(F.interpolate(context, size=(h, w), mode="bilinear", align_corners=False))
+    return out
 
 
 class GlowLosses(NamedTuple):
@@ -86,31 +138,10 @@ class Glow(nn.Module):
         if not isinstance(config, GlowConfig):
             raise TypeError(f"Glow expects a GlowConfig; got {type(config).__name__}")
         self.config = config
-        c, h, w = config.image_shape
-        self.flows = nn.ModuleList()
-        self.splits = nn.ModuleList()
-        self.latent_shapes = []
-        self.level_sizes = []   # (H, W) at which each level's steps run (the context is resized to it)
-        seed = 0
-        for level in range(config.levels):
-            c, h, w = 4 * c, h // 2, w // 2
-            self.level_sizes.append((h, w))
-            steps = []
-            for _ in range(config.depth):
-                steps.append(FlowStep(c, config.hidden, config.coupling, config.permutation, config.kernels, seed,
-                                      context_channels=config.context_channels, compile=config.compile,
-                                      nn_actnorm=config.nn_actnorm, edge_padding=config.edge_padding,
-                                      zero_logscale_factor=config.zero_logscale_factor,
-                                      actnorm_logscale_factor=config.actnorm_logscale_factor))
-                seed += 1
-            self.flows.append(ReversibleSequence(steps, config.memory, config.check_reconstruction,
-                                                 config.reconstruction_tol))
-            if level < config.levels - 1:
-                split = SplitPrior(c, config.edge_padding, config.zero_logscale_factor)
-                self.splits.append(split)
-                self.latent_shapes.append((c - split.kept, h, w))
-                c = split.kept
-        self.latent_shapes.append((c, h, w))
+        flows, splits, self.latent_shapes, self.level_sizes = _build_levels(config)
+        self.flows = nn.ModuleList(flows)
+        self.splits = nn.ModuleList(splits)
+        c, h, w = self.latent_shapes[-1]
         self.top_prior = TopPrior((c, h, w), config.learn_top, config.num_classes, config.zero_logscale_factor)
         self.class_head = (ClassHead(c, config.num_classes, config.zero_logscale_factor)
                            if config.num_classes > 0 and config.class_head else None)
@@ -125,7 +156,6 @@ class Glow(nn.Module):
         """The L levels, bottom (full resolution) first."""
         return list(self._levels)
 
-    # ----------------------------------------------------------------------------------------- checks
     @property
     def n_bins(self) -> int:
         return 2 ** self.config.n_bits
@@ -134,108 +164,8 @@ class Glow(nn.Module):
     def is_initialized(self) -> bool:
         return all(m.is_initialized for m in self._actnorms)
 
-    def _require_initialized(self, what: str) -> None:
-        if not self.is_initialized:
-            raise RuntimeError(f"Glow.{what}: the model is not initialized; call model.initialize(x) on a batch of "
-                               f"data (or run a training forward, model(x)) first")
-
     def _param_dtype(self):
         return next(self.parameters()).dtype
-
-    def _check_images(self, x, what: str) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"Glow.{what}: images must be a torch.Tensor; got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"Glow.{what}: images must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"Glow.{what}: empty batch")
-        if tuple(x.shape[1:]) != tuple(self.config.image_shape):
-            raise ValueError(f"Glow.{what}: images of shape {tuple(x.shape[1:])} given to a model of image_shape "
-                             f"{tuple(self.config.image_shape)}")
-
-    def _check_raw_images(self, x, what: str) -> None:
-        self._check_images(x, what)
-        if x.dtype == torch.uint8:
-            return
-        if not x.is_floating_point():
-            raise TypeError(f"Glow.{what}: images must be uint8 (0..255) or float in [0, 1]; got dtype {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"Glow.{what}: images contain NaN or Inf")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"Glow.{what}: float images must lie in [0, 1]; got values in [{lo:g}, {hi:g}] "
-                             f"(pass uint8 for 0..255 data)")
-
-    def _check_preprocessed(self, xc, what: str) -> None:
-        self._check_images(xc, what)
-        if not xc.is_floating_point():
-            raise TypeError(f"Glow.{what}: expects preprocessed float input (see Glow.preprocess); got {xc.dtype}")
-        if not torch.isfinite(xc).all():
-            raise ValueError(f"Glow.{what}: input contains NaN or Inf")
-
-    def _check_inputs(self, what: str, images=None, raw: bool = False, y=None, context=None, n: Optional[int] = None,
-                      initialized: bool = True):
-        """Every check of a public call, in one place: the images (raw: uint8 or float in [0, 1]; else preprocessed
-        floats), then labels and context for a batch of n (default: the images'), then that the model is
-        initialized. Returns (y, context) as the model uses them."""
-        if images is not None:
-            (self._check_raw_images if raw else self._check_preprocessed)(images, what)
-            n = images.shape[0]
-        y = self._check_labels(y, n, what)
-        context = self._check_context(context, n, what)
-        if initialized:
-            self._require_initialized(what)
-        return y, context
-
-    def _check_labels(self, y, n: int, what: str):
-        k = self.config.num_classes
-        if k == 0:
-            if y is not None:
-                raise ValueError(f"Glow.{what}: labels y were given to an unconditional model (num_classes=0)")
-            return None
-        if y is None:
-            raise ValueError(f"Glow.{what}: this model is class-conditional (num_classes={k}); pass labels y")
-        if not isinstance(y, torch.Tensor):
-            y = torch.as_tensor(y)
-        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-            raise TypeError(f"Glow.{what}: labels y must be an integer tensor; got dtype {y.dtype}")
-        if y.dim() != 1 or y.shape[0] != n:
-            raise ValueError(f"Glow.{what}: labels y must have shape [{n}]; got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
-            raise ValueError(f"Glow.{what}: labels y must lie in [0, {k - 1}]; got values in "
-                             f"[{int(y.min())}, {int(y.max())}]")
-        return y.long()
-
-    def _check_context(self, context, n: int, what: str):
-        k = self.config.context_channels
-        if k == 0:
-            if context is not None:
-                raise ValueError(f"Glow.{what}: a context was given to a model without conditioning "
-                                 f"(GlowConfig.context_channels=0)")
-            return None
-        if context is None:
-            raise ValueError(f"Glow.{what}: this model is conditioned on a context map (context_channels={k}); "
-                             f"pass context=[N, {k}, H, W]")
-        if not isinstance(context, torch.Tensor):
-            raise TypeError(f"Glow.{what}: context must be a torch.Tensor; got {type(context).__name__}")
-        if not context.is_floating_point():
-            raise TypeError(f"Glow.{what}: context must be a floating-point tensor; got dtype {context.dtype}")
-        if context.dim() != 4 or context.shape[0] != n or context.shape[1] != k:
-            raise ValueError(f"Glow.{what}: context must have shape [{n}, {k}, H, W]; got {tuple(context.shape)}")
-        return context
-
-    def _level_contexts(self, context) -> List[Optional[torch.Tensor]]:
-        """The context resized to each level's spatial size: area average when shrinking, bilinear when growing."""
-        if context is None:
-            return [None] * len(self._levels)
-        context = context.to(self._param_dtype())
-        out = []
-        for h, w in self.level_sizes:   # the sizes of self._levels
-            if context.shape[2] >= h and context.shape[3] >= w:
-                out.append(F.adaptive_avg_pool2d(context, (h, w)))
-            else:
-                out.append(F.interpolate(context, size=(h, w), mode="bilinear", align_corners=False))
-        return out
 
     def reconstruction_errors(self) -> List[Optional[torch.Tensor]]:
         """Per level, the per-sample relative error of the input the last reversible backward rebuilt ([N], on
@@ -255,7 +185,7 @@ class Glow(nn.Module):
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Reduce to n_bits, scale to [-0.5, 0.5], add uniform dequantization noise of one bin's width, drawn from
         `generator` (a torch.Generator on x's device; None: the global RNG)."""
-        self._check_raw_images(x, "preprocess")
+        check_raw_images(x, self.config, "preprocess")
         return self._dequantize(x, noise, generator)
 
     def _dequantize(self, x: torch.Tensor, noise: bool = True,
@@ -279,7 +209,7 @@ class Glow(nn.Module):
         logdet = torch.zeros(xc.shape[0], dtype=xc.dtype, device=xc.device)
         latents: List[torch.Tensor] = []
         z = xc
-        for level, level_context in zip(self._levels, self._level_contexts(context)):
+        for level, level_context in zip(self._levels, _level_contexts(context, self)):
             z, eps, ld = level(z, level_context)
             logdet = logdet + ld
             if eps is not None:
@@ -295,22 +225,15 @@ class Glow(nn.Module):
 
     def encode(self, xc: torch.Tensor, y=None, context=None) -> List[torch.Tensor]:
         """Preprocessed images -> one standard-normal latent per level (split priors' standardization included)."""
-        y, context = self._check_inputs("encode", xc, y=y, context=context)
+        y, context = check_inputs(self, "encode", xc, y=y, context=context)
         return self._encode(xc, y, context)[0]
 
     def decode(self, latents: List[torch.Tensor], y=None, context=None) -> torch.Tensor:
         """Exact inverse of encode: latents -> preprocessed images in [-0.5, 0.5] (up to the model's fit)."""
-        self._require_initialized("decode")
-        if not isinstance(latents, (list, tuple)) or len(latents) != len(self.latent_shapes):
-            raise ValueError(f"Glow.decode: expects a list of {len(self.latent_shapes)} latents (one per level)")
-        n = latents[0].shape[0]
-        for i, (eps, shape) in enumerate(zip(latents, self.latent_shapes)):
-            if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != (n,) + tuple(shape):
-                got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
-                raise ValueError(f"Glow.decode: latent {i} must have shape [N, {shape[0]}, {shape[1]}, {shape[2]}]; "
-                                 f"got {got}")
-        y, context = self._check_inputs("decode", y=y, context=context, n=n, initialized=False)
-        contexts = self._level_contexts(context)
+        require_initialized(self, "decode")
+        n = check_latents(latents, self.latent_shapes)
+        y, context = check_inputs(self, "decode", y=y, context=context, n=n, initialized=False)
+        contexts = _level_contexts(context, self)
         z, _ = self.top_prior.inverse(latents[-1], y)
         for i in reversed(range(len(self._levels))):
             z = self._levels[i].inverse(z, latents[i] if i < len(self.splits) else None, contexts[i])
@@ -318,10 +241,7 @@ class Glow(nn.Module):
 
     def log_prob(self, xc: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Per-sample log density of preprocessed images in nats: sum log N(eps; 0, I) + log|det d eps / d xc|."""
-        y, context = self._check_inputs("log_prob", xc, y=y, context=context)
-        return self._log_prob(xc, y, context)
-
-    def _log_prob(self, xc: torch.Tensor, y, context=None) -> torch.Tensor:
+        y, context = check_inputs(self, "log_prob", xc, y=y, context=context)
         return self._log_prob_and_top(xc, y, context)[0]
 
     def _log_prob_and_top(self, xc: torch.Tensor, y, context=None):
@@ -334,11 +254,7 @@ class Glow(nn.Module):
         The density of xc on [-0.5, 0.5]^D is over bins of width 1/n_bins, so the discrete log-likelihood
         bound is log p(xc) - D log(n_bins): bits/dim = -(log p(xc) - D log n_bins) / (D log 2).
         """
-        return self._bits_per_dim(self.log_prob(xc, y, context))
-
-    def _bits_per_dim(self, log_prob: torch.Tensor) -> torch.Tensor:
-        d = self.config.num_dims
-        return -(log_prob - d * math.log(self.n_bins)) / (d * math.log(2.0))
+        return _bits_per_dim(self.log_prob(xc, y, context), self.config.num_dims, self.n_bins)
 
     def forward(self, x: torch.Tensor, y=None, context=None, generator: Optional[torch.Generator] = None,
                 all_losses: bool = False):
@@ -355,12 +271,12 @@ class Glow(nn.Module):
         return self._losses(x, y, context, generator, "losses")
 
     def _losses(self, x, y, context, generator, what: str) -> GlowLosses:
-        y, context = self._check_inputs(what, x, raw=True, y=y, context=context, initialized=False)
+        y, context = check_inputs(self, what, x, raw=True, y=y, context=context, initialized=False)
         if not self.is_initialized:
             self._initialize(x, y, context)
         # x and y were checked above: no second pass over the data for the same checks
         log_prob, z_top = self._log_prob_and_top(self._dequantize(x, generator=generator), y, context)
-        bits_x = self._bits_per_dim(log_prob)
+        bits_x = _bits_per_dim(log_prob, self.config.num_dims, self.n_bins)
         if self.class_head is None:
             return GlowLosses(bits_x)
         logits = self.class_head(z_top)
@@ -371,12 +287,8 @@ class Glow(nn.Module):
         """The class head's logits [N, num_classes] for images x (no dequantization noise: the bin's lower edge
         plus half a bin). The head reads the top latent, which does not depend on the label: the prior's class
         shift comes after it."""
-        if self.class_head is None:
-            raise ValueError("Glow.predict_class: this model has no class head (it needs num_classes > 0 and "
-                             "class_head=True)")
-        self._check_raw_images(x, "predict_class")
-        context = self._check_context(context, x.shape[0], "predict_class")
-        self._require_initialized("predict_class")
+        require_class_head(self)
+        _, context = check_inputs(self, "predict_class", x, raw=True, context=context, labels=False)
         z_top = self._through_levels(self._dequantize(x, noise=False) + 0.5 / self.n_bins, context)[0]
         return self.class_head(z_top)
 
@@ -385,7 +297,7 @@ class Glow(nn.Module):
         """Data-dependent initialization of every ActNorm on a batch of images (paper, section 3.1). Inside an
         initialized torch.distributed process group, call it on every rank with its shard: the statistics are
         those of all shards together, so every rank ends with the same parameters."""
-        y, context = self._check_inputs("initialize", x, raw=True, y=y, context=context, initialized=False)
+        y, context = check_inputs(self, "initialize", x, raw=True, y=y, context=context, initialized=False)
         self._initialize(x, y, context)
 
     @torch.no_grad()
@@ -399,11 +311,8 @@ class Glow(nn.Module):
                context=None):
         """n images as floats in [0, 1], with latents drawn from N(0, temperature^2 I) (paper, section 5); a
         conditional model takes the n conditioning maps as `context`."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"Glow.sample: n must be a positive int; got {n!r}")
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"Glow.sample: temperature must be a finite number >= 0; got {temperature!r}")
-        self._require_initialized("sample")
+        check_sample_request(n, temperature)
+        require_initialized(self, "sample")
         ref = next(self.parameters())
         latents = [torch.randn((n,) + tuple(s), generator=generator, dtype=ref.dtype, device=ref.device) * temperature
                    for s in self.latent_shapes]

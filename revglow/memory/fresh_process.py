@@ -1,10 +1,11 @@
 """Measuring the activation memory of one training step, for real.
 
-On the CPU the measurement runs in a fresh subprocess: after a warm-up step (so parameters, gradients and
-optimizer-free buffers exist), the kernel's peak-resident-set counter is reset (/proc/self/clear_refs) and
-the peak reached during one more forward + backward, minus the resident size just before it, is the step's
-activation memory. glibc's mmap threshold is pinned low so freed tensors go back to the kernel at once and
-the resident size tracks live memory. On CUDA, torch.cuda.max_memory_allocated gives the same directly.
+The measurement runs in a fresh subprocess: after a warm-up step (so parameters, gradients and optimizer-free
+buffers exist), the device's own peak during one more forward + backward, above what was held just before it, is
+the step's activation memory, read by the meters of revglow.memory.device_meters: on the CPU the peak resident set
+(`ResidentSet`: the kernel's peak-resident-set counter reset through /proc/self/clear_refs, glibc's mmap threshold
+pinned low so freed tensors go back to the kernel at once and the resident size tracks live memory), on CUDA
+torch.cuda.max_memory_allocated (`CudaPeak`).
 """
 from __future__ import annotations
 
@@ -21,13 +22,7 @@ __all__ = ["training_step_memory_mib", "training_steps_memory_mib"]
 _CHILD = r"""
 import gc, json, sys, torch
 from revglow import Glow, GlowConfig
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no " + key + " in /proc/self/status")
+from revglow.memory.device_meters import device_peak
 
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
@@ -42,20 +37,13 @@ for config in args["configs"]:   # one after another: with the mmap threshold lo
     model(x).mean().backward()          # warm-up: allocates .grad for every parameter
     for p in model.parameters():
         p.grad.zero_()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
+    meter = device_peak(device)         # CUDA's peak allocation, or the CPU's peak resident set
+    if meter is None:
+        raise RuntimeError("no memory meter for " + str(device))
+    with meter:
         model(x).mean().backward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                # reset VmHWM, the peak resident size, to the current size
-        before = status("VmRSS")
-        model(x).mean().backward()
-        peak = status("VmHWM")
-    results.append({"before_mib": before, "peak_mib": peak, "activation_mib": peak - before})
+    before, activation = meter.before / 2**20, meter.peak / 2**20
+    results.append({"before_mib": before, "peak_mib": before + activation, "activation_mib": activation})
     del model, x
     gc.collect()
 print(json.dumps(results))

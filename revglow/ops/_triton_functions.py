@@ -17,10 +17,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from revglow.kernels.actnorm_conv1x1 import (
-    actnorm_conv1x1_forward_launch,
-    actnorm_conv1x1_reversible_backward_launch,
-)
+from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_forward_launch
+from revglow.kernels.actnorm_conv1x1_backward import actnorm_conv1x1_reversible_backward_launch
 from revglow.kernels.coupling_affine import (
     coupling_affine_forward_launch,
     coupling_affine_reversible_backward_launch,

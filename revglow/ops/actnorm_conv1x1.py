@@ -1,6 +1,7 @@
 """Fused ActNorm + invertible 1x1 convolution: y = W (s * x + b) at every pixel.
 
-Pure-PyTorch reference beside the dispatching entry points; Triton kernels live in kernels/actnorm_conv1x1.py.
+Pure-PyTorch reference beside the dispatching entry points; Triton kernels live in kernels/actnorm_conv1x1.py
+(forward, inverse) and kernels/actnorm_conv1x1_backward.py (reversible backward).
 The reference is built from the two maps it fuses, `actnorm_reference` and `channel_mix`, which the unfused
 layers (revglow.glow.layers.actnorm.ActNorm and the channel mixings) run too.
 
@@ -97,7 +98,7 @@ def actnorm_conv1x1_inverse(y, scale, bias, weight_inv, backend: str = "torch", 
 def actnorm_conv1x1_reversible_backward(y, grad_y, scale, bias, weight, weight_inv, backend: str = "torch",
                                         compile: bool = False):
     if backend == "triton":
-        from revglow.kernels.actnorm_conv1x1 import actnorm_conv1x1_reversible_backward_launch
+        from revglow.kernels.actnorm_conv1x1_backward import actnorm_conv1x1_reversible_backward_launch
         return actnorm_conv1x1_reversible_backward_launch(y, grad_y, scale, bias, weight, weight_inv)
     return maybe_compiled(actnorm_conv1x1_reversible_backward_reference, compile)(y, grad_y, scale, bias, weight,
                                                                                   weight_inv)

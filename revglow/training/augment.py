@@ -8,7 +8,7 @@ of pixels, and the pixels moved in from outside repeat the edge (`fill_mode="nea
 ImageNet and CelebA-HQ loaders (`data_loaders/get_data.py`) do not augment.
 
 `random_shift` is a pure function of the batch and a torch.Generator: a run that saves the generator's state in
-its checkpoint (revglow.training.trainer does, beside the other RNG states) resumes with the same shifts, bit for bit.
+its checkpoint (revglow.training.resume does, beside the other RNG states) resumes with the same shifts, bit for bit.
 
 Example:
     >>> images = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4)
@@ -21,10 +21,9 @@ import math
 
 import torch
 
-from revglow.training.config import AUGMENTATIONS
 from revglow.errors import ConfigError, ConfigTypeError
 
-__all__ = ["SHIFT_FRACTION", "random_shift", "draw_shifts", "shift_images", "AUGMENTATIONS"]
+__all__ = ["SHIFT_FRACTION", "random_shift", "draw_shifts", "shift_images", "augment_batch"]
 
 SHIFT_FRACTION = 0.1    # the reference's width_shift_range = height_shift_range
 
@@ -69,3 +68,9 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, fraction: flo
                           f"{list(images.shape)}")
     n, _, h, w = images.shape
     return shift_images(images, draw_shifts(n, h, w, generator, fraction))
+
+
+def augment_batch(images: torch.Tensor, augment: str, generator: torch.Generator) -> torch.Tensor:
+    """A batch of training images (uint8, before it goes to the device) as `augment` (TrainConfig.augment, one
+    of AUGMENTATIONS) asks: "shift" is random_shift with `generator`, "none" leaves the batch as it is."""
+    return random_shift(images, generator) if augment == "shift" else images

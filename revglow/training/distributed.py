@@ -107,6 +107,15 @@ class DistributedContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def max_over_ranks(self, value: int, device: torch.device) -> int:
+        """The largest of every rank's int `value`, on every rank (one small all-reduce on `device`'s collective
+        device)."""
+        if not self.enabled:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64, device=self.collective_device(device))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
     def average_gradients(self, params: List[torch.Tensor], flags: torch.Tensor, device: torch.device,
                           drop_own: bool = False) -> torch.Tensor:
         """Replace each parameter's .grad by its mean over the ranks, and sum `flags` (a 1-d tensor of this

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Tuple, Union
 
 import torch
 
@@ -19,7 +19,7 @@ from revglow.glow.layers.classifier import class_bits
 from revglow.glow.model import Glow
 from revglow.training.loaders import make_eval_loader
 
-__all__ = ["evaluate_bits_per_dim", "evaluate_class_head", "standard_error", "load_model", "sample_labels"]
+__all__ = ["evaluate_bits_per_dim", "evaluate_class_head", "standard_error", "load_model"]
 
 
 @torch.no_grad()
@@ -70,12 +70,6 @@ def evaluate_class_head(model: Glow, dataset, batch_size: int, device: torch.dev
     return torch.cat(bits), torch.cat(correct)
 
 
-def sample_labels(model: Glow, n: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Labels 0, 1, ..., k-1, 0, 1, ... for n samples of a class-conditional model; None for an unconditional one."""
-    k = model.config.num_classes
-    return torch.arange(n, device=device) % k if k > 0 else None
-
-
 def load_model(state: Union[Dict, str, os.PathLike], device: torch.device, use_ema: bool = True) -> Glow:
     """A Glow built from a checkpoint's config and weights (the EMA weights when present and use_ema).
 
@@ -98,7 +92,6 @@ def load_model(state: Union[Dict, str, os.PathLike], device: torch.device, use_e
         raise CheckpointError(f"the checkpoint's weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
                               f"it is corrupt or was not written by revglow train")
     return model.to(device).eval()
-
 
 
 def standard_error(values: torch.Tensor) -> float:

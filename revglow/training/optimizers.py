@@ -20,7 +20,7 @@ import torch
 from revglow.training.config import OPTIMIZERS, TrainConfig
 from revglow.errors import ConfigError, ConfigTypeError
 
-__all__ = ["ReferenceAdamax", "reference_beta2", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["ReferenceAdamax", "reference_beta2", "make_optimizer"]
 
 
 def reference_beta2(steps_per_epoch: int, polyak_epochs: float = 1.0) -> float:

@@ -70,9 +70,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            # batch 64 * (32/256)**2 = 1 per process (40 processes in the README), init 256 * (32/256)**2 = 4
            dict(_PAPER_RECIPE, data="folder", image_size=256, batch_size=1, init_batch_size=4, augment="none")),
     # The project's demo (Makefile `demo` runs this preset: the digits model defaults of
-    # revglow.training.trainer.MODEL_DEFAULTS), not a model of the paper. The random shifts keep the reference network from
-    # overfitting the 1,438 training digits (README, Quickstart: 2.04 test bits/dim with them, 2.11 for the plain
-    # network, same budget).
+    # revglow.training.model_defaults.MODEL_DEFAULTS), not a model of the paper. The random shifts keep the reference
+    # network from overfitting the 1,438 training digits (README, Quickstart: 2.04 test bits/dim with them, 2.11 for
+    # the plain network, same budget).
     Preset("digits", "the 8x8 digits demo of `make demo` (about three minutes on 2 CPU cores)",
            (1, 8, 8),
            dict(levels=2, depth=8, hidden=64, n_bits=4),

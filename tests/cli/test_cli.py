@@ -206,7 +206,7 @@ def _largest_tensor_offset(path):
 
 def test_corrupt_checkpoint_is_refused_by_every_loader(digits_run, tmp_path, capsys):
     from revglow.training.checkpoints import CheckpointError
-    from revglow.training.trainer import load_model
+    from revglow.training.evaluation import load_model
 
     run = tmp_path / "run"
     run.mkdir()

@@ -130,7 +130,8 @@ def test_a_config_saved_before_the_head_existed_loads_without_it():
 
 def _train(tmp_path, name, **options):
     from revglow.training.data import load_dataset
-    from revglow.training.trainer import TrainConfig, Trainer
+    from revglow.training.config import TrainConfig
+    from revglow.training.trainer import Trainer
 
     config = TrainConfig(batch_size=32, eval_batch_size=512, warmup=2, lr=3e-3, ema=None, eval_every=0, sample_every=0,
                          checkpoint_every=0, n_samples=10, progress=False, out=str(tmp_path / name), **options)

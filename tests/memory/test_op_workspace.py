@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from revglow.memory.workspaces import OpWorkspaces
-from revglow.memory.profile import LiveStorageTracker
+from revglow.memory.live_storage import LiveStorageTracker
 
 from forked import forked
 from pristine import in_pristine_process

@@ -9,7 +9,9 @@ from torch import nn
 
 from revglow import AdditiveCoupling, GlowConfig, ReversibleSequence
 from revglow.cli import main
-from revglow.memory.profile import LiveStorageTracker, parse_size, plan_batch, profile
+from revglow.memory.live_storage import LiveStorageTracker
+from revglow.memory.planner import parse_size, plan_batch
+from revglow.memory.profile import profile
 
 from forked import forked
 from pristine import in_pristine_process

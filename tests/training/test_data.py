@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from revglow.training.baseline import PixelCategoricalBaseline, reduce_bits
-from revglow.training.data import (DataError, DataPosition, EpochBatchSampler, load_dataset, make_train_loader,
-                          stack_images)
+from revglow.training.data import load_dataset
+from revglow.training.datasets import DataError, stack_images
+from revglow.training.loaders import DataPosition, EpochBatchSampler, make_train_loader
 from revglow.training.images import load_image, make_grid, save_grid, save_image
 
 from data_writers import write_cifar10, write_image_folder, write_npz
@@ -32,7 +33,7 @@ def test_digits_read_from_the_file_are_scikit_learns(monkeypatch):
     """load_digits reads scikit-learn's digits file itself (importing scikit-learn takes most of a second of
     every `revglow train --data digits` start): the same images and labels as sklearn's load_digits, and the
     same data set when it falls back to sklearn (no such file, or not in the expected format)."""
-    import revglow.training.data as data_module
+    import revglow.training.readers.scikit_learn as data_module
     from sklearn.datasets import load_digits as sklearn_digits
 
     grey, target = data_module._digits_file()
@@ -50,7 +51,7 @@ def test_photos_read_from_the_files_are_scikit_learns(monkeypatch):
     """load_photos decodes scikit-learn's two sample photographs itself (importing scikit-learn, with scipy, takes
     most of two seconds of every `revglow train --data photos` start): the same pixels as sklearn's
     load_sample_images, and the same data set when it falls back to sklearn (files missing or not RGB)."""
-    import revglow.training.data as data_module
+    import revglow.training.readers.scikit_learn as data_module
     from sklearn.datasets import load_sample_images
 
     direct_photos = data_module._photo_files()

@@ -159,7 +159,8 @@ def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tens
     _init_group(rank, port)
     try:
         from revglow.cli import main
-        from revglow.training.trainer import TrainConfig, Trainer
+        from revglow.training.config import TrainConfig
+        from revglow.training.trainer import Trainer
         from revglow.training.data import load_dataset
 
         assert main(["train", *TRAIN, "--max-steps", "2", "--out", out]) == 0
@@ -202,7 +203,8 @@ def _train_worker(rank: int, port: int, out: str, grads_path: str, x: torch.Tens
 def _single_process_step(x: torch.Tensor, out: Path):
     """One trainer step of plain autograd on the whole batch x in this process: its record and gradients."""
     from revglow.training.data import load_dataset
-    from revglow.training.trainer import TrainConfig, Trainer
+    from revglow.training.config import TrainConfig
+    from revglow.training.trainer import Trainer
 
     real = Glow._dequantize
     try:

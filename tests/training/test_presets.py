@@ -10,7 +10,7 @@ from revglow.glow.config import GlowConfig
 from revglow.training.config import TrainConfig
 from revglow.errors import ConfigError
 from revglow.training.presets import PRESET_NAMES, PRESETS, get_preset, preset_configs, preset_options
-from revglow.training.trainer import MODEL_DEFAULTS
+from revglow.training.model_defaults import MODEL_DEFAULTS
 
 # (levels, depth, hidden, coupling, n_bits, image shape) the paper and the authors' README give.
 PAPER = {
@@ -82,7 +82,7 @@ def test_cli_print_config_merges_flags_without_reading_data(tmp_path, capsys, mo
         raise AssertionError("--print-config with --preset must not read the data")
 
     monkeypatch.setattr(data_module, "load_dataset", no_data)
-    monkeypatch.setattr("revglow.cli.load_dataset", no_data)
+    monkeypatch.setattr("revglow.cli.train_command.load_dataset", no_data)
     assert main(["train", "--preset", "imagenet64", "--print-config", "--depth", "8", "--optimizer", "adam",
                  "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 0
     shown = json.loads(capsys.readouterr().out)

@@ -8,8 +8,11 @@ import torch
 from revglow import Glow, GlowConfig
 from revglow.training.checkpoints import load_checkpoint
 from revglow.training.data import load_dataset
-from revglow.training.trainer import (ExponentialMovingAverage, NonFiniteStepWarning, TrainConfig, Trainer, TrainingDiverged,
-                           load_resume_state)
+from revglow.training.config import TrainConfig
+from revglow.training.ema import ExponentialMovingAverage
+from revglow.training.resume import load_resume_state
+from revglow.training.step import NonFiniteStepWarning, TrainingDiverged
+from revglow.training.trainer import Trainer
 
 from train_helpers import TINY, quick_config, step_losses
 
@@ -174,7 +177,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, digits, monk
 # ------------------------------------------------------------------------------ runs that lose nothing
 
 def _tensor_data(n=40, shape=(1, 4, 4), seed=0):
-    from revglow.training.data import ImageData, TensorImageDataset
+    from revglow.training.datasets import ImageData, TensorImageDataset
 
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n,) + shape, generator=g, dtype=torch.uint8)
@@ -182,7 +185,7 @@ def _tensor_data(n=40, shape=(1, 4, 4), seed=0):
 
 
 def test_fresh_run_refuses_a_folder_that_holds_files(tmp_path, digits):
-    from revglow.training.trainer import RunExistsError
+    from revglow.training.run_folder import RunExistsError
 
     Trainer(TINY, quick_config(tmp_path, max_steps=2, keep=2), data=digits).run()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -199,7 +202,7 @@ def test_fresh_run_refuses_a_folder_that_holds_files(tmp_path, digits):
 
 def test_stop_signals_first_asks_second_stops_at_once():
     import signal as signals
-    from revglow.training.trainer import TrainingInterrupted
+    from revglow.training.signals import TrainingInterrupted
     from revglow.training.signals import StopSignals as _StopSignals
 
     class Owner:
@@ -216,7 +219,7 @@ def test_stop_signals_first_asks_second_stops_at_once():
 
 def test_signal_mid_run_saves_the_step_and_raises(tmp_path, digits, monkeypatch):
     import signal as signals
-    from revglow.training.trainer import TrainingInterrupted
+    from revglow.training.signals import TrainingInterrupted
 
     trainer = Trainer(TINY, quick_config(tmp_path, max_steps=50, checkpoint_every=0), data=digits)
     real_step = Trainer._train_step

@@ -7,8 +7,10 @@ from revglow.training.checkpoints import load_checkpoint
 from revglow.training.data import load_dataset
 from revglow.errors import ConfigError
 from revglow.training.optimizers import ReferenceAdamax
-from revglow.training.trainer import (NonFiniteStepWarning, TrainConfig, Trainer, TrainingDiverged, load_resume_state,
-                           train_config_for_resume)
+from revglow.training.config import TrainConfig
+from revglow.training.resume import load_resume_state, train_config_for_resume
+from revglow.training.step import NonFiniteStepWarning, TrainingDiverged
+from revglow.training.trainer import Trainer
 
 from train_helpers import TINY, metric_rows, quick_config, step_losses
 
