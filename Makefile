@@ -7,10 +7,15 @@ PY = $(shell bash scripts/ensure_env.sh)
 # The main job: train a small reversible Glow on scikit-learn's bundled digits (the digits preset of
 # revglow/training/presets.py, about three minutes on 2 CPU cores), print its test bits/dim beside a per-pixel baseline,
 # then draw a grid of samples.
+# One thread per process: the 8x8 model's ops are too small to share out, and when anything else wants the cores,
+# OpenMP's spinning threads wait for each other. `revglow train --preset digits --max-steps 100` on a shared 2-core
+# machine (load 4 to 7), interleaved, 3 runs each: --threads 1 took 22, 29 and 28 s; --threads 2 took 163, 254 and
+# 354 s.
 demo:
 	@py="$(PY)"; set -e; \
-	"$$py" -m revglow train --preset digits --out runs/demo --overwrite; \
-	"$$py" -m revglow sample --checkpoint runs/demo/checkpoint.pt --n 64 --temperature 0.7 --out runs/demo/samples.png
+	"$$py" -m revglow train --preset digits --out runs/demo --overwrite --threads 1; \
+	"$$py" -m revglow sample --checkpoint runs/demo/checkpoint.pt --n 64 --temperature 0.7 --out runs/demo/samples.png \
+	    --threads 1
 
 # One pytest worker per core (pytest-xdist): each test runs single-threaded (tests/conftest.py), so one process
 # would leave the other cores idle.

@@ -11,13 +11,19 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import List, Optional, Sequence
 
-from revglow.cli.checkpoint_commands import cmd_eval, cmd_interpolate, cmd_manipulate, cmd_sample
+import torch
+
+from revglow.cli.checkpoint_commands import cmd_eval, cmd_interpolate, cmd_manipulate
+from revglow.cli.checks import out_of_memory_message
 from revglow.cli.parser import build_parser
 from revglow.cli.profile_command import cmd_profile
+from revglow.cli.sample_command import cmd_sample
+from revglow.cli.signals import CommandInterrupted, stop_on_signals
 from revglow.cli.train_command import cmd_train
 from revglow.errors import RevglowError
 from revglow.training.signals import TrainingInterrupted
@@ -45,9 +51,11 @@ def _join_negative_values(argv: List[str]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `revglow` with `argv` (default sys.argv[1:]); returns the exit status.
 
-    Usage errors exit with argparse's status 2; revglow's own errors about what it was given (RevglowError:
-    options, data, checkpoints, image files) and file-system errors print one line `revglow: error: ...` and
-    return 1 (set REVGLOW_DEBUG=1 to see the traceback instead). Anything else is a bug and keeps its traceback.
+    Usage errors (flags, and flag values a command cannot use) exit with argparse's status 2; revglow's own errors
+    about what it was given (RevglowError: options, data, checkpoints, image files), file-system errors and running
+    out of memory print one line `revglow: error: ...` and return 1 (set REVGLOW_DEBUG=1 to see the traceback
+    instead). SIGINT and SIGTERM return 130 and 143 (train first writes a checkpoint). Anything else is a bug and
+    keeps its traceback.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -55,17 +63,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(_join_negative_values(argv))
     except SystemExit as exc:          # --help, or a usage error argparse has already printed
         return int(exc.code) if isinstance(exc.code, int) else 2
+    if hasattr(args, "threads"):
+        torch.set_num_threads(args.threads)
+    # train handles the signals itself (it checkpoints before stopping); the other commands stop at once
+    signals = contextlib.nullcontext() if args.command == "train" else stop_on_signals()
     try:
-        return _COMMANDS[args.command](args)
-    except TrainingInterrupted as exc:
+        with signals:
+            return _COMMANDS[args.command](args)
+    except (TrainingInterrupted, CommandInterrupted) as exc:
         print(f"revglow: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("revglow: interrupted", file=sys.stderr)
         return 130
-    except (RevglowError, OSError) as exc:
-        if os.environ.get("REVGLOW_DEBUG"):
+    except (RevglowError, OSError, MemoryError, RuntimeError) as exc:
+        message = out_of_memory_message(exc, args.command)
+        if os.environ.get("REVGLOW_DEBUG") or (message is None and not isinstance(exc, (RevglowError, OSError))):
             raise
-        message = str(exc) or type(exc).__name__
-        print(f"revglow: error: {message}", file=sys.stderr)
+        print(f"revglow: error: {message or str(exc) or type(exc).__name__}", file=sys.stderr)
         return 1

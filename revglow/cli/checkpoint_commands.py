@@ -15,14 +15,16 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from revglow.cli.checks import CommandError, require_at_least
+from revglow.cli.checks import CommandError
 from revglow.cli.flags import add_checkpoint_flags
+from revglow.cli.loading import label_tensor, load_for_generation
+from revglow.cli.sample_command import add_sample_parser
+from revglow.cli.values import int_at_least, nonnegative_int, positive_int
 from revglow.glow.latents import attribute_direction, encode_images, interpolate_latents, mean_latents, move_latents
-from revglow.training.checkpoints import load_checkpoint
-from revglow.training.config import DATASETS, MAX_SEED
+from revglow.training.config import DATASETS
 from revglow.training.data import load_dataset
 
-__all__ = ["add_checkpoint_parsers", "cmd_eval", "cmd_sample", "cmd_interpolate", "cmd_manipulate"]
+__all__ = ["add_checkpoint_parsers", "cmd_eval", "cmd_interpolate", "cmd_manipulate"]
 
 
 def add_checkpoint_parsers(commands) -> None:
@@ -34,21 +36,17 @@ def add_checkpoint_parsers(commands) -> None:
     evaluate.add_argument("--image-size", type=int, default=None, help="folder data: image size")
     evaluate.add_argument("--skip-bad-images", action="store_true", default=None,
                           help="folder data: leave unreadable image files out (default: as in training)")
-    evaluate.add_argument("--draws", type=int, default=1, help="dequantization noise draws averaged per image")
-    evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    evaluate.add_argument("--draws", type=positive_int, default=1, help="dequantization noise draws averaged per image")
+    evaluate.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
+    evaluate.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
 
-    sample = commands.add_parser("sample", help="a grid of samples from a checkpoint")
-    add_checkpoint_flags(sample)
-    sample.add_argument("--n", type=int, default=64, help="number of samples")
-    sample.add_argument("--temperature", type=float, default=0.7, help="latent standard deviation (paper, section 5)")
-    sample.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
-    sample.add_argument("--out", required=True, help="PNG or JPEG file to write")
+    add_sample_parser(commands)
 
     interpolate = commands.add_parser("interpolate", help="decode a straight line between two images' latents")
     add_checkpoint_flags(interpolate)
     interpolate.add_argument("--images", nargs=2, required=True, metavar=("A", "B"), help="two PNG/JPEG images")
-    interpolate.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included")
+    interpolate.add_argument("--steps", type=int_at_least(2), default=8, help="images in the strip, both ends "
+                             "included (at least 2)")
     interpolate.add_argument("--out", required=True, help="PNG or JPEG file to write")
 
     manipulate = commands.add_parser("manipulate", help="move an image along an attribute direction in latent space")
@@ -58,43 +56,14 @@ def add_checkpoint_parsers(commands) -> None:
     manipulate.add_argument("--attribute", required=True, help="column of the CSV to use")
     manipulate.add_argument("--image", required=True, help="the PNG/JPEG image to manipulate")
     manipulate.add_argument("--alphas", default="-1,-0.5,0,0.5,1", help="comma-separated multiples of the direction")
-    manipulate.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
+    manipulate.add_argument("--batch-size", type=positive_int, default=64, help="images per encoding batch")
     manipulate.add_argument("--out", required=True, help="PNG or JPEG file to write")
-
-
-def _load_for_generation(args: argparse.Namespace):
-    from revglow.training.devices import resolve_device
-    from revglow.training.evaluation import load_model
-
-    if not 0 <= args.seed <= MAX_SEED:
-        raise CommandError(f"--seed must be between 0 and 2**32 - 1 = {MAX_SEED}; got {args.seed}")
-    state = load_checkpoint(args.checkpoint, required=("model", "glow_config"))
-    device = resolve_device(args.device)
-    model = load_model(state, device, use_ema=args.ema)
-    torch.manual_seed(args.seed)
-    label = None   # one class for every image generated (an int), or None
-    k = model.config.num_classes
-    if args.label is not None:
-        if k == 0:
-            raise CommandError(f"--label {args.label}: the model in {args.checkpoint} is not class-conditional")
-        if not 0 <= args.label < k:
-            raise CommandError(f"--label must lie in [0, {k - 1}]; got {args.label}")
-        label = args.label
-    elif k > 0 and args.command in ("interpolate", "manipulate"):
-        raise CommandError(f"the model in {args.checkpoint} is class-conditional ({k} classes): pass --label")
-    return state, model, device, label
-
-
-def _label_tensor(label: Optional[int], n: int, device) -> Optional[torch.Tensor]:
-    return None if label is None else torch.full((n,), label, dtype=torch.long, device=device)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from revglow.training.evaluation import evaluate_bits_per_dim, standard_error
 
-    require_at_least(args, "draws", 1)
-    require_at_least(args, "batch_size", 1)
-    state, model, device, _ = _load_for_generation(args)
+    state, model, device, _ = load_for_generation(args)
     trained = state.get("train_config", {})
     name = args.data or trained.get("data", "digits")
     same = args.data is None or args.data == trained.get("data")
@@ -106,26 +75,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CommandError(f"the {name} images are {data.image_shape}; the model expects {tuple(model.config.image_shape)}")
     bpd = evaluate_bits_per_dim(model, data.test, args.batch_size, device, draws=args.draws, seed=args.seed,
                                 workers=args.workers)
+    bad = int((~torch.isfinite(bpd)).sum())
+    if bad:
+        raise CommandError(f"{bad} of {bpd.numel()} test images have non-finite bits/dim (NaN or Inf): the model in "
+                           f"{args.checkpoint} gives no usable density (its weights overflow)")
     has_ema = bool(state.get("ema")) and args.ema
     print(f"test bits/dim: {float(bpd.mean()):.4f} ± {standard_error(bpd):.4f} (standard error; {bpd.numel()} {name} test "
           f"images, {args.draws} dequantization draw{'s' if args.draws > 1 else ''}, "
           f"{'EMA' if has_ema else 'raw'} weights, step {state.get('step', '?')})")
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from revglow.training.images import save_grid
-
-    require_at_least(args, "n", 1)
-    require_at_least(args, "temperature", 0)
-    _, model, device, label = _load_for_generation(args)
-    labels = _label_tensor(label, args.n, device)
-    if labels is None and model.config.num_classes > 0:
-        labels = torch.arange(args.n, device=device) % model.config.num_classes
-    generator = torch.Generator(device).manual_seed(args.seed)
-    images = model.sample(args.n, temperature=args.temperature, y=labels, generator=generator)
-    path = save_grid(images, args.out, nrow=args.nrow)
-    print(f"wrote {args.n} samples (temperature {args.temperature}) to {path}")
     return 0
 
 
@@ -137,18 +94,17 @@ def _load_images(model, paths: Sequence[str], device) -> torch.Tensor:
 
 
 def _encode(model, images: torch.Tensor, label: Optional[int]) -> List[torch.Tensor]:
-    return encode_images(model, images, _label_tensor(label, images.shape[0], images.device))
+    return encode_images(model, images, label_tensor(label, images.shape[0], images.device))
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from revglow.training.images import save_grid
 
-    require_at_least(args, "steps", 2, " (both ends are included)")
-    _, model, device, label = _load_for_generation(args)
+    _, model, device, label = load_for_generation(args)
     latents = _encode(model, _load_images(model, args.images, device), label)
     path_latents = interpolate_latents([z[:1] for z in latents], [z[1:] for z in latents], args.steps)
     with torch.no_grad():
-        frames = model.postprocess(model.decode(path_latents, _label_tensor(label, args.steps, device)))
+        frames = model.postprocess(model.decode(path_latents, label_tensor(label, args.steps, device)))
     path = save_grid(frames, args.out, nrow=args.steps)
     print(f"wrote {args.steps} interpolated images between {args.images[0]} and {args.images[1]} to {path}")
     return 0
@@ -198,16 +154,15 @@ def cmd_manipulate(args: argparse.Namespace) -> int:
         raise CommandError("--alphas is empty")
     if not all(math.isfinite(a) for a in alphas):
         raise CommandError(f"--alphas must be finite numbers; got {args.alphas!r}")
-    require_at_least(args, "batch_size", 1)
     positive, negative = _read_attribute_csv(Path(args.labels), args.attribute)
-    _, model, device, label = _load_for_generation(args)
+    _, model, device, label = load_for_generation(args)
     with_attr = _mean_latent(model, positive, args.batch_size, device, label)
     without = _mean_latent(model, negative, args.batch_size, device, label)
     direction = attribute_direction(with_attr, without)
     base = _encode(model, _load_images(model, [args.image], device), label)
     moved = move_latents(base, direction, alphas)
     with torch.no_grad():
-        frames = model.postprocess(model.decode(moved, _label_tensor(label, len(alphas), device)))
+        frames = model.postprocess(model.decode(moved, label_tensor(label, len(alphas), device)))
     path = save_grid(frames, args.out, nrow=len(alphas))
     print(f"wrote {args.image} moved along {args.attribute!r} ({len(positive)} images with, {len(negative)} without) "
           f"by alphas {alphas} to {path}")

@@ -16,6 +16,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import List, Sequence
 
+from revglow.cli.values import device_name
 from revglow.glow.config import GlowConfig
 from revglow.training.config import DATASETS
 from revglow.training.presets import PRESETS
@@ -87,7 +88,7 @@ def _data_dependent_default(name: str, fallback) -> str:
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a checkpoint (eval, sample, interpolate, manipulate)."""
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint.pt written by revglow train")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents and dequantization noise")
     parser.add_argument("--no-ema", dest="ema", action="store_false",
                         help="use the raw weights even when the checkpoint has EMA weights")

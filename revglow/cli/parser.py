@@ -6,6 +6,7 @@ import argparse
 from revglow.cli.checkpoint_commands import add_checkpoint_parsers
 from revglow.cli.profile_command import add_profile_parser
 from revglow.cli.train_command import add_train_parser
+from revglow.cli.values import positive_int
 
 __all__ = ["build_parser"]
 
@@ -23,4 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_checkpoint_parsers(commands)
     add_profile_parser(commands)
+    for command in commands.choices.values():     # one flag every command shares, added in one place
+        command.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, metavar="N",
+                             help="CPU threads of torch's intra-op parallelism (torch.set_num_threads; default: "
+                                  "torch's own choice, one per core)")
     return parser

@@ -1,6 +1,10 @@
 """The boundary checks of Glow's public calls: images (raw or preprocessed), labels, context maps, latents, sample
 requests and initialization, each a clear TypeError/ValueError (RuntimeError: not initialized) that names the call
 (`what`, such as "encode"). Glow itself holds the math; every public method checks its arguments here first.
+Floating-point input of another dtype than the model's is computed in the model's dtype, as `model(x)` does.
+
+A Glow's state dict carries its configuration (`register_config_check`): loading it into a Glow of another
+configuration is refused (`ConfigMismatchError`), naming the options that differ.
 
 Example:
     >>> from revglow import Glow, GlowConfig
@@ -15,17 +19,24 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+import numbers
+from dataclasses import fields
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 
+from revglow.errors import RevglowError
 from revglow.glow.config import GlowConfig
 
 if TYPE_CHECKING:
     from revglow.glow.model import Glow
 
 __all__ = ["require_initialized", "check_images", "check_raw_images", "check_preprocessed", "check_labels",
-           "check_context", "check_inputs", "check_latents", "check_sample_request", "require_class_head"]
+           "check_context", "check_inputs", "check_latents", "check_sample_request", "require_class_head",
+           "RUNTIME_OPTIONS", "ConfigMismatchError", "register_config_check"]
+
+# GlowConfig options that change how a model runs, not what its weights mean: a state dict loads across them.
+RUNTIME_OPTIONS = ("memory", "kernels", "compile", "check_reconstruction", "reconstruction_tol")
 
 
 def require_initialized(model: Glow, what: str) -> None:
@@ -119,38 +130,56 @@ def check_inputs(model: Glow, what: str, images=None, raw: bool = False, y=None,
                  initialized: bool = True, labels: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
     """Every check of a public call, in one place: the images (raw: uint8 or float in [0, 1]; else preprocessed
     floats), then labels (unless the call takes none: `labels` False) and context for a batch of n (default: the
-    images'), then that the model is initialized. Returns (y, context) as the model uses them."""
+    images'), then that the model is initialized. Returns (images, y, context) as the model uses them: preprocessed
+    images in the model's dtype (raw ones as given: Glow.quantize converts them)."""
     config = model.config
     if images is not None:
         (check_raw_images if raw else check_preprocessed)(images, config, what)
         n = images.shape[0]
+        if not raw:
+            images = images.to(_model_dtype(model))
     y = check_labels(y, n, config, what) if labels else None
     context = check_context(context, n, config, what)
     if initialized:
         require_initialized(model, what)
-    return y, context
+    return images, y, context
 
 
-def check_latents(latents, latent_shapes: Sequence[Tuple[int, int, int]]) -> int:
-    """Glow.decode's latents: a list with one tensor [N, C, H, W] per level, of the levels' latent shapes; returns
-    N."""
-    if not isinstance(latents, (list, tuple)) or len(latents) != len(latent_shapes):
-        raise ValueError(f"Glow.decode: expects a list of {len(latent_shapes)} latents (one per level)")
-    n = latents[0].shape[0]
-    for i, (eps, shape) in enumerate(zip(latents, latent_shapes)):
+def _model_dtype(model: Glow) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def check_latents(latents, model: Glow) -> List[torch.Tensor]:
+    """Glow.decode's latents: a list with one floating-point tensor [N, C, H, W] per level, of the levels' latent
+    shapes (model.latent_shapes); returns them in the model's dtype."""
+    shapes = model.latent_shapes
+    if not isinstance(latents, (list, tuple)) or len(latents) != len(shapes):
+        raise ValueError(f"Glow.decode: expects a list of {len(shapes)} latents (one per level)")
+    n = latents[0].shape[0] if isinstance(latents[0], torch.Tensor) else None
+    for i, (eps, shape) in enumerate(zip(latents, shapes)):
         if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != (n,) + tuple(shape):
             got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
             raise ValueError(f"Glow.decode: latent {i} must have shape [N, {shape[0]}, {shape[1]}, {shape[2]}]; "
                              f"got {got}")
-    return n
+        if not eps.is_floating_point():
+            raise TypeError(f"Glow.decode: latent {i} must be a floating-point tensor; got dtype {eps.dtype}")
+    dtype = _model_dtype(model)
+    return [eps.to(dtype) for eps in latents]
 
 
-def check_sample_request(n, temperature) -> None:
-    """Glow.sample's n (a positive int) and temperature (a finite number >= 0)."""
+def check_sample_request(n, temperature, y, device: torch.device):
+    """Glow.sample's n (a positive int), temperature (a finite number >= 0) and labels `y`: None, a tensor (checked
+    with the images' labels), or one int label for all n images (returned as a tensor [n])."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"Glow.sample: n must be a positive int; got {n!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature < 0):
         raise ValueError(f"Glow.sample: temperature must be a finite number >= 0; got {temperature!r}")
+    if y is None or isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, bool) or not isinstance(y, numbers.Integral):
+        raise TypeError(f"Glow.sample: y must be an int label or an integer tensor of n labels; got {y!r}")
+    return torch.full((n,), int(y), dtype=torch.long, device=device)
 
 
 def require_class_head(model: Glow) -> None:
@@ -158,3 +187,59 @@ def require_class_head(model: Glow) -> None:
     if model.class_head is None:
         raise ValueError("Glow.predict_class: this model has no class head (it needs num_classes > 0 and "
                          "class_head=True)")
+
+
+class ConfigMismatchError(RevglowError, RuntimeError):
+    """A state dict of a Glow of one configuration loaded into a Glow of another (a RuntimeError, as torch's own
+    load_state_dict errors are). `stored` and `expected` name the options that differ with their values in the
+    state dict and in the model, such as "n_bits=4"."""
+
+    def __init__(self, stored: str, expected: str) -> None:
+        self.stored, self.expected = stored, expected
+        super().__init__(f"Glow.load_state_dict: the state dict is of a Glow with {stored}; this one has {expected} "
+                         f"(build the model from the configuration it was trained with; to load the tensors anyway, "
+                         f"pass dict(state_dict), which carries no configuration)")
+
+
+def register_config_check(model: Glow) -> None:
+    """Make `model`'s state dicts carry its configuration (in the state dict's metadata, which torch.save keeps
+    and no tensor loop sees) and refuse, in `model.load_state_dict(state)`, a state dict whose configuration differs
+    but for RUNTIME_OPTIONS, naming the options, before any tensor is copied (strict=False too: torch hands the hook
+    no strictness). A state dict without it (made before, or copied into a plain dict) loads as before: torch then
+    checks the names and shapes alone.
+
+    Example:
+        >>> from revglow import Glow, GlowConfig
+        >>> four = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=1, hidden=4, n_bits=4))
+        >>> five = Glow(GlowConfig(image_shape=(1, 8, 8), levels=2, depth=1, hidden=4, n_bits=5))
+        >>> try:
+        ...     five.load_state_dict(four.state_dict())
+        ... except ConfigMismatchError as exc:
+        ...     print(exc)
+        Glow.load_state_dict: the state dict is of a Glow with n_bits=4; this one has n_bits=5 (build the model from the configuration it was trained with; to load the tensors anyway, pass dict(state_dict), which carries no \
+configuration)
+    """
+    model.register_state_dict_post_hook(_store_config)
+    model.register_load_state_dict_pre_hook(_check_stored_config)
+
+
+def _store_config(model, state_dict, prefix: str, local_metadata: dict) -> None:
+    local_metadata["glow_config"] = model.config.to_dict()
+
+
+def _check_stored_config(model, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    saved = local_metadata.get("glow_config")
+    if not isinstance(saved, dict):
+        return
+    try:
+        saved = GlowConfig.from_dict(saved)
+    except (ValueError, TypeError):    # not a configuration this version reads: torch's checks alone decide
+        return
+    differ = [f.name for f in fields(GlowConfig)
+              if f.name not in RUNTIME_OPTIONS and getattr(saved, f.name) != getattr(model.config, f.name)]
+    if differ:
+        raise ConfigMismatchError(_options(saved, differ), _options(model.config, differ))
+
+
+def _options(config: GlowConfig, names: Sequence[str]) -> str:
+    return ", ".join(f"{name}={getattr(config, name)!r}" for name in names)

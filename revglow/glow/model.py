@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revglow.glow.checks import (check_inputs, check_latents, check_raw_images, check_sample_request,
-                                 require_class_head, require_initialized)
+                                 register_config_check, require_class_head, require_initialized)
 from revglow.glow.config import GlowConfig
 from revglow.glow.layers.flowstep import FlowStep
 from revglow.glow.layers.prior import SplitPrior, TopPrior
@@ -150,6 +150,7 @@ class Glow(nn.Module):
         self._levels = [Level(flow, self.splits[i] if i < len(self.splits) else None, size)
                         for i, (flow, size) in enumerate(zip(self.flows, self.level_sizes))]
         self._actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]   # a plain list: not submodules
+        register_config_check(self)   # its state dicts carry the config; loading another config's is refused
 
     @property
     def levels(self) -> List[Level]:
@@ -225,14 +226,14 @@ class Glow(nn.Module):
 
     def encode(self, xc: torch.Tensor, y=None, context=None) -> List[torch.Tensor]:
         """Preprocessed images -> one standard-normal latent per level (split priors' standardization included)."""
-        y, context = check_inputs(self, "encode", xc, y=y, context=context)
+        xc, y, context = check_inputs(self, "encode", xc, y=y, context=context)
         return self._encode(xc, y, context)[0]
 
     def decode(self, latents: List[torch.Tensor], y=None, context=None) -> torch.Tensor:
         """Exact inverse of encode: latents -> preprocessed images in [-0.5, 0.5] (up to the model's fit)."""
         require_initialized(self, "decode")
-        n = check_latents(latents, self.latent_shapes)
-        y, context = check_inputs(self, "decode", y=y, context=context, n=n, initialized=False)
+        latents = check_latents(latents, self)
+        _, y, context = check_inputs(self, "decode", y=y, context=context, n=latents[0].shape[0], initialized=False)
         contexts = _level_contexts(context, self)
         z, _ = self.top_prior.inverse(latents[-1], y)
         for i in reversed(range(len(self._levels))):
@@ -241,7 +242,7 @@ class Glow(nn.Module):
 
     def log_prob(self, xc: torch.Tensor, y=None, context=None) -> torch.Tensor:
         """Per-sample log density of preprocessed images in nats: sum log N(eps; 0, I) + log|det d eps / d xc|."""
-        y, context = check_inputs(self, "log_prob", xc, y=y, context=context)
+        xc, y, context = check_inputs(self, "log_prob", xc, y=y, context=context)
         return self._log_prob_and_top(xc, y, context)[0]
 
     def _log_prob_and_top(self, xc: torch.Tensor, y, context=None):
@@ -271,7 +272,7 @@ class Glow(nn.Module):
         return self._losses(x, y, context, generator, "losses")
 
     def _losses(self, x, y, context, generator, what: str) -> GlowLosses:
-        y, context = check_inputs(self, what, x, raw=True, y=y, context=context, initialized=False)
+        _, y, context = check_inputs(self, what, x, raw=True, y=y, context=context, initialized=False)
         if not self.is_initialized:
             self._initialize(x, y, context)
         # x and y were checked above: no second pass over the data for the same checks
@@ -288,7 +289,7 @@ class Glow(nn.Module):
         plus half a bin). The head reads the top latent, which does not depend on the label: the prior's class
         shift comes after it."""
         require_class_head(self)
-        _, context = check_inputs(self, "predict_class", x, raw=True, context=context, labels=False)
+        _, _, context = check_inputs(self, "predict_class", x, raw=True, context=context, labels=False)
         z_top = self._through_levels(self._dequantize(x, noise=False) + 0.5 / self.n_bins, context)[0]
         return self.class_head(z_top)
 
@@ -297,7 +298,7 @@ class Glow(nn.Module):
         """Data-dependent initialization of every ActNorm on a batch of images (paper, section 3.1). Inside an
         initialized torch.distributed process group, call it on every rank with its shard: the statistics are
         those of all shards together, so every rank ends with the same parameters."""
-        y, context = check_inputs(self, "initialize", x, raw=True, y=y, context=context, initialized=False)
+        _, y, context = check_inputs(self, "initialize", x, raw=True, y=y, context=context, initialized=False)
         self._initialize(x, y, context)
 
     @torch.no_grad()
@@ -311,11 +312,9 @@ class Glow(nn.Module):
                context=None):
         """n images as floats in [0, 1], with latents drawn from N(0, temperature^2 I) (paper, section 5); a
         conditional model takes the n conditioning maps as `context`."""
-        check_sample_request(n, temperature)
-        require_initialized(self, "sample")
         ref = next(self.parameters())
+        y = check_sample_request(n, temperature, y, ref.device)   # an int label becomes n of them
+        require_initialized(self, "sample")
         latents = [torch.randn((n,) + tuple(s), generator=generator, dtype=ref.dtype, device=ref.device) * temperature
                    for s in self.latent_shapes]
-        if y is not None and not isinstance(y, torch.Tensor):
-            y = torch.full((n,), int(y), dtype=torch.long, device=ref.device)
         return self.postprocess(self.decode(latents, y, context))

@@ -2,6 +2,11 @@
 budget with parameters, gradients, Adam state and an allocator margin (`plan_batch`); `parse_size` reads a budget
 such as 24GiB.
 
+`search_plan` chooses the batch sizes the line is fitted on: it doubles the batch until the step's memory rises by
+far more than a measurement's noise over the last FIT_POINTS of them (at small batches a step's memory is mostly
+what does not grow with the batch, and a slope between batch 1 and 2 is the noise's: the same budget gave plans 2.7x
+apart), fits those, and reports the spread of the leave-one-out fits with the plan (`BatchPlan`).
+
 Example:
     >>> intercept, slope = fit_line([(1, 12.0), (2, 22.0), (4, 42.0)])
     >>> round(intercept, 6), round(slope, 6)
@@ -13,11 +18,20 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from revglow.errors import ConfigError
 
-__all__ = ["fit_line", "plan_batch", "parse_size", "allocator_margin"]
+__all__ = ["fit_line", "plan_batch", "parse_size", "allocator_margin", "BatchPlan", "search_plan", "FIT_POINTS",
+           "MIN_SPAN_MIB"]
+
+# The plan's line goes through the step's memory at this many batch sizes (the largest measured).
+FIT_POINTS = 3
+# How far the step's memory must rise over those batch sizes for their slope to be measured, not noise: a process's
+# resident set wanders by a MiB or two, and allocators round; with a budget above 8 GiB, 1/64 of the budget. With
+# +-2 MiB of noise on each point, the slope of three doubling batches is then within 2.2 * 2 / 128 = 3.4%.
+MIN_SPAN_MIB = 128.0
 
 
 def fit_line(points: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
@@ -78,3 +92,76 @@ def allocator_margin(points: List[Dict]) -> float:
     ratios = [p["reserved_ratio"] for p in points if p.get("reserved_ratio")]
     return max([0.05] + [r - 1 for r in ratios])
 
+
+
+@dataclass
+class BatchPlan:
+    """The largest batch for a budget and how it was found: the line (intercept_mib + per_sample_mib * batch) fitted
+    on `points` ((batch, MiB) of the step), over which the step's memory rose by `span_mib` (`span_reached`: at least the span asked for; not
+    when the budget left no room to grow the batch further), and the spread of the fits that leave one of those
+    batch sizes out: their slopes (`per_sample_range`) and plans (`max_batch_range`)."""
+
+    max_batch: int
+    intercept_mib: float
+    per_sample_mib: float
+    points: Tuple[Tuple[int, float], ...]
+    span_mib: float
+    span_reached: bool
+    per_sample_range: Tuple[float, float]
+    max_batch_range: Tuple[int, int]
+
+    @property
+    def spread(self) -> float:
+        """Width of the leave-one-out slopes relative to the plan's slope (0.05: 5%)."""
+        lo, hi = self.per_sample_range
+        return (hi - lo) / self.per_sample_mib if self.per_sample_mib > 0 else float("inf")
+
+
+def search_plan(measure: Callable[[int], Optional[float]], points: Dict[int, float], fixed_mib: float,
+                budget_mib: float, margin: float, min_span_mib: Optional[float] = None,
+                max_batch: int = 2 ** 20) -> BatchPlan:
+    """Plan the largest batch from measurements `points` {batch: MiB of one step above the fixed memory}, measuring
+    more with `measure(batch)` (None: it could not: out of memory): the batch doubles until the step's memory rises
+    by `min_span_mib` (default: MIN_SPAN_MIB, or 1/64 of the budget if more) over the largest FIT_POINTS batches,
+    but never to a batch whose step, at twice the last one's memory, would fill more than half the budget's room.
+
+    Example (a step of 2 MiB plus 0.5 MiB per sample, measured exactly):
+        >>> plan = search_plan(lambda b: 2 + 0.5 * b, {1: 2.5, 2: 3.0}, fixed_mib=100, budget_mib=1124, margin=0.0)
+        >>> plan.max_batch, [batch for batch, _ in plan.points], plan.per_sample_range
+        (2044, [128, 256, 512], (0.5, 0.5))
+    """
+    points = dict(points)
+    span = min_span_mib if min_span_mib is not None else max(MIN_SPAN_MIB, budget_mib / 64)
+    room = budget_mib / (1 + margin) - fixed_mib
+    while True:
+        fit = sorted(points.items())[-FIT_POINTS:]
+        rise = fit[-1][1] - fit[0][1]
+        if len(fit) >= FIT_POINTS and rise >= span:
+            break
+        batch = 2 * fit[-1][0]
+        if batch > max_batch or 2 * max(0.0, fit[-1][1]) > room / 2:
+            break
+        measured = measure(batch)
+        if measured is None:
+            break
+        points[batch] = measured
+    return _plan_of(fit, fixed_mib, budget_mib, margin, rise, rise >= span)
+
+
+def _plan_of(fit: List[Tuple[int, float]], fixed_mib: float, budget_mib: float, margin: float, rise: float,
+             span_reached: bool) -> BatchPlan:
+    """The BatchPlan of the line through `fit`, with the leave-one-out fits' slopes and plans."""
+    if len(fit) < 2:
+        raise ConfigError(f"profile: the budget leaves no room to measure a second batch size beyond {fit[0][0]}; "
+                          f"give a larger budget")
+    intercept, slope = fit_line(fit)
+    if slope <= 0:
+        raise ConfigError(f"profile: the step's memory did not grow with the batch over batches "
+                          f"{[b for b, _ in fit]}; no plan")
+    others = [fit_line(fit[:i] + fit[i + 1:]) for i in range(len(fit))] if len(fit) > 2 else [(intercept, slope)]
+    plans = [plan_batch(fixed_mib, max(0.0, i), s, budget_mib, margin) if s > 0 else 0 for i, s in others]
+    return BatchPlan(max_batch=plan_batch(fixed_mib, max(0.0, intercept), slope, budget_mib, margin),
+                     intercept_mib=intercept, per_sample_mib=slope, points=tuple(fit),
+                     span_mib=rise, span_reached=span_reached,
+                     per_sample_range=(min(s for _, s in others), max(s for _, s in others)),
+                     max_batch_range=(min(plans), max(plans)))

@@ -1,7 +1,8 @@
 """Images in and out as ordinary PNG/JPEG files (Pillow), and grids of samples.
 
 Tensors here are images in the usual PyTorch layout: one image is [C, H, W], a batch is [N, C, H, W],
-with C = 1 (grey) or 3 (RGB). uint8 tensors hold 0..255; float tensors hold [0, 1].
+with C = 1 (grey) or 3 (RGB). uint8 tensors hold 0..255; float tensors hold [0, 1]. Files are written atomically
+(a temporary file beside the target, renamed over it): a full disk or a signal never leaves a partial image.
 
 Example:
     >>> import torch
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from revglow.errors import RevglowError
+from revglow.training.checkpoints import atomic_writer
 
 __all__ = [
     "ImageFileError",
@@ -35,6 +37,7 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}   # Pillow's name of each, for a temporary file's handle
 _GREY_MODES = ("1", "L", "LA", "F")
 
 
@@ -108,7 +111,8 @@ def save_image(image: torch.Tensor, path: PathLike, scale: int = 1) -> Path:
     """Write one image [C, H, W] (uint8, or float in [0, 1]) to a PNG or JPEG file chosen by the suffix.
 
     `scale` > 1 enlarges it by pixel repetition (nearest neighbour), which keeps 8x8 digits legible.
-    Parent folders are created. Returns the path written.
+    Parent folders are created. The file appears whole or not at all (on an error, such as a full disk, the
+    temporary file is removed and an existing file at `path` is left as it was). Returns the path written.
     """
     path = Path(path)
     _check_suffix(path)
@@ -122,8 +126,8 @@ def save_image(image: torch.Tensor, path: PathLike, scale: int = 1) -> Path:
         array = array.repeat(scale, axis=0).repeat(scale, axis=1)
     Image = _pil()
     picture = Image.fromarray(array[:, :, 0], mode="L") if array.shape[2] == 1 else Image.fromarray(array, mode="RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    with atomic_writer(path) as handle:
+        picture.save(handle, format=_FORMATS[path.suffix.lower()])
     return path
 
 

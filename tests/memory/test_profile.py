@@ -124,3 +124,101 @@ def test_a_preset_gives_the_model_and_flags_override_it(capsys):
                  "--batch-sizes", "2", "4", "--rounds", "0", "--modes", "reversible"]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("revglow profile: Glow 1x8x8 levels=2 depth=1 hidden=8 affine"), header
+
+
+STABLE = GlowConfig(image_shape=(3, 32, 32), levels=1, depth=1, hidden=8, kernels="torch")
+
+
+def _three_plans():
+    """`revglow profile --budget 1GiB` three times in one process, from batch sizes 1 2, 2 4 and 1 2 again."""
+    from revglow.memory.profile import format_table
+
+    plans = []
+    for batch_sizes in ((1, 2), (2, 4), (1, 2)):
+        row, = profile(STABLE, batch_sizes=batch_sizes, modes=("autograd",), rounds=0, budget="1GiB")
+        plans.append((row, format_table([row])))
+    return plans
+
+
+@linux_only
+@pytest.mark.long(10)
+def test_the_same_budget_gives_the_same_plan():
+    """The line the plan extrapolates is fitted where the step's memory has risen far above the resident set's
+    noise (the batch doubles until it has: before, the line went through batches 1 and 2, and one command gave
+    plans 2.7x apart), on three batch sizes whose leave-one-out fits agree; the table shows the slope it uses."""
+    plans = in_pristine_process(_three_plans)
+    batches = [row["max_batch"] for row, _ in plans]
+    assert max(batches) <= 1.10 * min(batches), batches
+    for row, table in plans:
+        plan = row["plan"]
+        assert plan["measure"] == "device" and plan["span_reached"] and plan["span_mib"] >= 128
+        assert len(plan["points"]) == 3 and plan["spread"] < 0.1
+        assert plan["max_batch_range"][0] <= row["max_batch"] <= plan["max_batch_range"][1]
+        per_sample_column = table.splitlines()[1].split()[7]
+        assert per_sample_column == f"{plan['per_sample_mib']:.4f}", table
+        assert f"largest batch {row['max_batch']} (leave-one-out fits: " in table
+
+
+def test_bf16_autocast_is_profiled():
+    """Under bf16 autocast the coupling networks' activations are bfloat16: the reversible step holds less."""
+    cfg = GlowConfig(image_shape=(3, 16, 16), levels=2, depth=2, hidden=32, kernels="torch")
+    rows = {amp: profile(cfg, batch_sizes=(4, 8), modes=("reversible",), rounds=0, device_peak=False, amp=amp)[0]
+            for amp in ("off", "bf16")}
+    assert rows["bf16"]["amp"] == "bf16" and rows["off"]["amp"] == "off"
+    assert rows["bf16"]["activation_mib_per_sample"] < 0.75 * rows["off"]["activation_mib_per_sample"]
+    with pytest.raises(ValueError, match="amp"):
+        profile(cfg, batch_sizes=(4, 8), amp="fp16")
+
+
+USER_MODULE = '''
+import torch
+from torch import nn
+from revglow import AdditiveCoupling, ReversibleSequence
+
+
+def build():
+    torch.manual_seed(0)
+    return ReversibleSequence([AdditiveCoupling(nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(),
+                                                              nn.Conv2d(16, 4, 3, padding=1))) for _ in range(8)])
+
+
+def not_a_module():
+    return 3
+'''
+
+
+@forked
+def test_profile_a_users_module_from_the_command_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_blocks_for_profile.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    argv = ["profile", "--module", "user_blocks_for_profile:build", "--input-shape", "2,8,8,8", "--batch-sizes", "2",
+            "4", "--rounds", "0"]
+    assert main(argv + ["--json"]) == 0
+    rows = {r["mode"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == {"reversible", "checkpoint", "autograd"}
+    assert rows["reversible"]["activation_mib"] < rows["autograd"]["activation_mib"] / 2
+    assert main(argv + ["--json", "--amp", "bf16", "--modes", "reversible"]) == 0
+    bf16, = map(json.loads, capsys.readouterr().out.splitlines())
+    assert bf16["amp"] == "bf16" and bf16["activation_mib"] < rows["reversible"]["activation_mib"]
+    assert main(argv + ["--modes", "reversible"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == ("revglow profile: user_blocks_for_profile:build (ReversibleSequence), input 2x8x8x8, batch "
+                      "sizes [2, 4], device cpu")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--module", "no_such_module_here:build", "--input-shape", "2,8,8,8"], "no module named 'no_such_module_here'"),
+    (["--module", "user_blocks_for_errors:missing", "--input-shape", "2,8,8,8"], "has no function 'missing'"),
+    (["--module", "user_blocks_for_errors:not_a_module", "--input-shape", "2,8,8,8"], "returned a int, not an nn.Module"),
+    (["--module", "user_blocks_for_errors", "--input-shape", "2,8,8,8"], "--module must be PKG.MOD:FACTORY"),
+    (["--module", "user_blocks_for_errors:build"], "--module needs --input-shape N,C,H,W"),
+    (["--module", "user_blocks_for_errors:build", "--input-shape", "2,8,8,8", "--depth", "2"],
+     "--depth describe a Glow model; with --module your factory builds the model"),
+    (["--input-shape", "2,8,8,8"], "--input-shape is the example input of --module"),
+])
+def test_profile_module_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    (tmp_path / "user_blocks_for_errors.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", *argv, "--rounds", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("revglow: error: ") and message in err and err.count("\n") == 1, err
