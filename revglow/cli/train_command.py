@@ -2,7 +2,11 @@
 configuration they resolve to, and the run.
 
 A preset (revglow.training.presets: the paper's models and recipes) gives defaults that explicit flags override; a
-resumed run (--resume) takes its configuration from the checkpoint, with the training flags given on top.
+resumed run (--resume) takes its configuration from the checkpoint, with the training flags given on top, and
+writes --out or else the folder the checkpoint lies in (never a folder named inside the checkpoint: see
+revglow.training.run_folder.resume_out_folder). The start-up line names the run folder used.
+
+--data-root with a data set that reads no files (digits, photos) is a usage error (exit status 2), not ignored.
 """
 from __future__ import annotations
 
@@ -24,6 +28,18 @@ __all__ = ["add_train_parser", "train_configs", "cmd_train"]
 
 # Training options that a resumed run may not change: they fix the data, its order and the random streams.
 _FIXED_ON_RESUME = ("data", "image_size", "seed", "optimizer")   # and the optimizer, whose state it carries
+# The data sets that ship with scikit-learn: their readers read no files, so --data-root would be ignored.
+_NO_DATA_ROOT = ("digits", "photos")
+
+
+class UsageError(CommandError):
+    """Flags that do not go together; printed as one line, exit status 2 (as argparse's usage errors)."""
+
+
+def _check_data_root(data: str, train_over: dict) -> None:
+    if train_over.get("data_root") is not None and data in _NO_DATA_ROOT:
+        raise UsageError(f"--data-root does not apply to --data {data} (it ships with scikit-learn and reads no "
+                         f"files); drop --data-root, or choose --data cifar10, folder or npz")
 
 
 def add_train_parser(commands) -> None:
@@ -50,7 +66,7 @@ def train_configs(given: dict):
     from revglow.training.distributed import DistributedContext
     from revglow.training.model_defaults import default_glow_config
     from revglow.training.resume import RESUME_GLOW_FIELDS, load_resume_state, train_config_for_resume
-    from revglow.training.run_folder import check_out_folder
+    from revglow.training.run_folder import check_out_folder, resume_out_folder
 
     glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given}
     train_over = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given and f.name != "resume"}
@@ -61,6 +77,7 @@ def train_configs(given: dict):
         return _preset_configs(given, glow_over, train_over)
     if "resume" not in given:
         config = TrainConfig(**train_over)
+        _check_data_root(config.data, train_over)
         if "print_config" not in given:   # refuse before the (possibly slow) data loading
             DistributedContext.current().run_on_main(check_out_folder, config.out, config.overwrite)
         data = load_dataset(config.data, config.data_root, config.image_size, config.skip_bad_images)
@@ -68,6 +85,7 @@ def train_configs(given: dict):
     path = given["resume"] or str(Path(TrainConfig(**{k: v for k, v in train_over.items()
                                                         if k in ("data", "out")}).out) / "checkpoint.pt")
     state = load_resume_state(path)
+    _check_data_root(str(state["train_config"].get("data")), train_over)
     saved = GlowConfig.from_dict(state["glow_config"]).to_dict()
     model_changes = sorted(k for k, v in glow_over.items() if saved.get(k) != v and k not in RESUME_GLOW_FIELDS)
     saved_train = state["train_config"]
@@ -78,7 +96,10 @@ def train_configs(given: dict):
             raise CommandError(f"{path}: cannot change {what} on resume ({flags} differ from the checkpoint); start "
                                f"a new run (another --out, or --overwrite) to change them")
     glow = GlowConfig.from_dict({**saved, **{k: v for k, v in glow_over.items() if k in RESUME_GLOW_FIELDS}})
-    config = train_config_for_resume(state, {**train_over, "resume": path})
+    # Where the resumed run writes: --out, else the checkpoint's own folder; refused (touching nothing) when that
+    # folder holds another run. The checkpoint's saved out is never used.
+    folder = DistributedContext.current().run_on_main(resume_out_folder, path, state, train_over.get("out"))
+    config = train_config_for_resume(state, {**train_over, "resume": path, "out": str(folder)})
     data = load_dataset(config.data, config.data_root, config.image_size, config.skip_bad_images)
     return glow, config, data, state
 
@@ -92,6 +113,7 @@ def _preset_configs(given: dict, glow_over: dict, train_over: dict):
     name = given["preset"]
     glow_options, train_options = preset_options(name, glow_over, train_over)
     glow, config = GlowConfig(**glow_options), TrainConfig(**train_options)
+    _check_data_root(config.data, train_over)
     if "print_config" in given:
         return glow, config, None, None
     DistributedContext.current().run_on_main(check_out_folder, config.out, config.overwrite)   # before reading data
@@ -131,7 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(given: dict) -> int:
     from revglow.training.trainer import Trainer
 
-    glow, config, data, state = train_configs(given)
+    try:
+        glow, config, data, state = train_configs(given)
+    except UsageError as exc:
+        print(f"revglow: error: {exc}", file=sys.stderr)
+        return 2
     if "print_config" in given:
         shown = {"preset": given["preset"]} if "preset" in given else {}
         print(json.dumps({**shown, "glow_config": glow.to_dict(), "train_config": config.to_dict()}, indent=2))
@@ -150,7 +176,8 @@ def _train(given: dict) -> int:
               f"Glow levels={glow.levels} depth={glow.depth} hidden={glow.hidden} {glow.coupling} n_bits={glow.n_bits} "
               f"memory={glow.memory}, {n_params:,} parameters; {trainer.total_steps} steps on {trainer.device}, "
               f"{config.optimizer} lr={config.lr:g} warm-up {trainer.warmup} steps"
-              f"{', shifts' if config.augment == 'shift' else ''}, {processes}; {start}", flush=True)
+              f"{', shifts' if config.augment == 'shift' else ''}, {processes}; {start}; run folder "
+              f"{trainer.out.resolve()}", flush=True)
     result = trainer.run()
     if not main:
         return 0

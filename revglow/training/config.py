@@ -9,13 +9,14 @@ from typing import Optional
 from revglow.config_fields import check_bools, check_choices, check_int, check_known_fields, option
 from revglow.errors import ConfigError, ConfigTypeError
 
-__all__ = ["TrainConfig", "AMP_MODES", "DATASETS", "OPTIMIZERS", "AUGMENTATIONS", "MAX_SEED", "DEFAULT_MAX_STEPS",
-           "override_train_options"]
+__all__ = ["TrainConfig", "AMP_MODES", "DATASETS", "OPTIMIZERS", "AUGMENTATIONS", "ON_DIVERGENCE", "MAX_SEED",
+           "DEFAULT_MAX_STEPS", "override_train_options"]
 
 AMP_MODES = ("off", "bf16")
 DATASETS = ("digits", "cifar10", "folder", "npz", "photos")   # revglow.training.data has one reader per name
 OPTIMIZERS = ("adam", "adamax")     # revglow.training.optimizers.make_optimizer builds each
 AUGMENTATIONS = ("none", "shift")   # revglow.training.augment
+ON_DIVERGENCE = ("stop", "rollback")   # revglow.training.divergence
 MAX_SEED = 2 ** 32 - 1          # numpy's global RNG takes seeds below 2**32
 DEFAULT_MAX_STEPS = 1500
 
@@ -86,7 +87,15 @@ class TrainConfig:
     sample_every: int = option(500, "steps between sample grids (0: only at the end)")
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)")
     keep: int = option(3, "how many checkpoint-STEP.pt files to keep")
-    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
+    max_bad_steps: int = option(5, "stop (or roll back, with --on-divergence rollback) after this many failed steps "
+                                "in a row")
+    on_divergence: str = option("stop", "when an update leaves non-finite weights, EMA or optimizer state, or a model "
+                                "whose loss is non-finite: stop (the last checkpoint stays the last good one), or "
+                                "rollback (back to the last good state kept in memory, at half the learning rate, "
+                                "skipping the batch)", ON_DIVERGENCE)
+    rollback_every: int = option(50, "--on-divergence rollback: steps between refreshes of the good state kept in "
+                                 "memory (also refreshed at every checkpoint)")
+    max_rollbacks: int = option(5, "--on-divergence rollback: stop after this many rollbacks in a run")
     n_samples: int = option(64, "images per sample grid")
     progress: bool = option(True, "show a progress bar")
 
@@ -97,9 +106,9 @@ class TrainConfig:
             self.out = f"runs/{self.data}"
         if self.amp not in AMP_MODES:
             raise ConfigError(f"TrainConfig.amp={self.amp!r} is not a known option; choose one of {AMP_MODES}")
-        for name in ("batch_size", "max_bad_steps", "n_samples"):
+        for name in ("batch_size", "max_bad_steps", "n_samples", "rollback_every"):
             check_int("TrainConfig", name, getattr(self, name), 1)
-        for name in ("workers", "eval_every", "sample_every", "checkpoint_every", "keep", "seed"):
+        for name in ("workers", "eval_every", "sample_every", "checkpoint_every", "keep", "seed", "max_rollbacks"):
             check_int("TrainConfig", name, getattr(self, name), 0)
         for name in ("max_steps", "epochs", "image_size", "init_batch_size", "eval_batch_size"):
             if getattr(self, name) is not None:

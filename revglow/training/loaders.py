@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
@@ -109,10 +110,15 @@ class EpochBatchSampler(Sampler[List[int]]):
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int = 0, rank: int = 0,
                       world_size: int = 1) -> Tuple[DataLoader, EpochBatchSampler]:
-    """A DataLoader over `dataset` in the resumable order of an `EpochBatchSampler` (returned too)."""
+    """A DataLoader over `dataset` in the resumable order of an `EpochBatchSampler` (returned too). A batch larger
+    than the data set shrinks to fit it, with a RuntimeWarning saying so."""
     if workers < 0:
         raise ConfigError(f"workers must be >= 0; got {workers}")
     sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+    if sampler.batch_size < batch_size:
+        warnings.warn(f"--batch-size {batch_size} is larger than the {len(dataset)} training images allow "
+                      f"({world_size} process(es)): each step uses {sampler.batch_size} image(s) per process, the "
+                      f"whole split", RuntimeWarning, stacklevel=2)
     # A private generator: DataLoader otherwise draws its worker base seed from the global torch RNG,
     # which would shift the dequantization noise and break exact resume.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,

@@ -1,9 +1,10 @@
 """A training run's state in a checkpoint, and a run resumed from it exactly where the checkpoint left it.
 
 `checkpoint_state(trainer)` is everything the run needs to go on (weights, EMA, optimizer, schedule, step, data
-position, every RNG), `write_checkpoint(trainer)` writes it (atomically, gathering every rank's RNG states under
-torch.distributed), and `restore_state(trainer, state)` puts it back into a new trainer: the same parameters and
-losses, bit for bit, on the CPU. A resumed run keeps its model (only RESUME_GLOW_FIELDS may change) and its
+position, every RNG, the learning rate and rollbacks of revglow.training.divergence) and the run id of its folder;
+`write_checkpoint(trainer)` writes it (atomically, gathering every rank's RNG states under torch.distributed; the
+trainer verifies the state first, so no checkpoint holds a bad one), and `restore_state(trainer, state)` puts it
+back into a new trainer: the same parameters and losses, bit for bit, on the CPU. A resumed run keeps its model (only RESUME_GLOW_FIELDS may change) and its
 optimizer; its training options (TrainConfig) may change, as `train_config_for_resume` lays them over the saved ones.
 
 Example:
@@ -20,7 +21,7 @@ import torch
 
 from revglow.errors import ConfigError
 from revglow.glow.config import GlowConfig
-from revglow.training.checkpoints import (capture_rng_state, link_or_copy_atomic, load_checkpoint,
+from revglow.training.checkpoints import (RUN_ID_KEY, capture_rng_state, link_or_copy_atomic, load_checkpoint,
                                           prune_step_checkpoints, restore_rng_state, save_checkpoint,
                                           step_checkpoint_path)
 from revglow.training.config import TrainConfig, override_train_options
@@ -79,6 +80,7 @@ def checkpoint_state(trainer: Trainer) -> Dict:
     """The checkpoint of the trainer's rank (under torch.distributed, `write_checkpoint` adds every rank's RNG)."""
     train_config = trainer.config.to_dict()
     train_config["warmup"] = trainer.warmup      # resolved, so a resumed run warms up the same way
+    train_config["lr"] = trainer.divergence.lr   # halved by rollbacks: a resumed run goes on at it
     train_config["warmup_epochs"] = None
     train_config["resume"] = None
     train_config["overwrite"] = False
@@ -90,7 +92,9 @@ def checkpoint_state(trainer: Trainer) -> Dict:
         "scheduler": trainer.scheduler.state_dict(),
         "step": trainer.step,
         "data_position": trainer.position.to_dict(),
-        "bad_steps": trainer.bad_steps,
+        "bad_steps": trainer.divergence.bad_steps,
+        "rollbacks": trainer.divergence.rollbacks,
+        RUN_ID_KEY: trainer.run_id,
         "rng": capture_rng_state(_generators(trainer)),
         "world_size": trainer.dist.world_size,
         "glow_config": trainer.glow_config.to_dict(),
@@ -129,7 +133,8 @@ def restore_state(trainer: Trainer, state: Dict) -> int:
         trainer.ema.decay = float(trainer.config.ema)      # a decay given on resume takes effect
     trainer.step = int(state["step"])
     trainer.position = DataPosition.from_dict(state["data_position"])
-    trainer.bad_steps = int(state.get("bad_steps", 0))
+    trainer.divergence.bad_steps = int(state.get("bad_steps", 0))
+    trainer.divergence.rollbacks = int(state.get("rollbacks", 0))
     _restore_rng(trainer, state)
     return trainer.step
 

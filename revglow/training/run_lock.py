@@ -10,7 +10,10 @@ no stale lock behind (the file stays, but an unlocked file locks nothing). revgl
 
 flock is per open file: two descriptors of one process exclude each other too. Within a process the lock is
 therefore shared (counted): a second `acquire_run_lock` of a folder this process holds returns the same lock,
-and the file is unlocked when the last holder releases it. Where fcntl is missing (Windows) the lock does
+and the file is unlocked when the last holder releases it. A forked child (a DataLoader worker) would share the
+open file, and with it the lock, until it exits, so that a run's persistent workers kept its folder locked after
+the run had released it: a child closes its copies of the lock descriptors as it starts (os.register_at_fork) and
+holds no lock. Where fcntl is missing (Windows) the lock does
 nothing. flock on a network file system (NFS) locks only where the server supports it.
 
 Example:
@@ -104,6 +107,27 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child: close its copies of this process's lock descriptors (the parent keeps its own) and
+    forget the locks, so that they go when the parent releases them or dies, not when its last child does. (The
+    guard is new too: another thread of the parent may have held it at the fork.)"""
+    global _HELD_GUARD
+    _HELD_GUARD = threading.Lock()
+    for lock in _HELD.values():
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+        lock._count = 0
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _open_lock_file(path: Path) -> int:

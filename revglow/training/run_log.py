@@ -1,11 +1,12 @@
-"""What a training run reports as it goes: every step's record and every evaluation in metrics.jsonl (rank 0;
-TensorBoard events too when asked for: revglow.training.metrics), and the progress bar (tqdm, rank 0, when asked
-for) with smoothed bits/dim, images/s and memory."""
+"""What a training run writes as it goes, and the hold it keeps on its folder: every step's record and every
+evaluation in metrics.jsonl (rank 0; TensorBoard events too when asked for: revglow.training.metrics), the progress
+bar (tqdm, rank 0, when asked for) with smoothed bits/dim, images/s and memory, and the open run folder (rank 0:
+its lock, held while the run lives, and its run id: revglow.training.run_folder)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -13,6 +14,7 @@ from revglow.training.config import TrainConfig
 from revglow.training.distributed import DistributedContext
 from revglow.training.evaluation import standard_error
 from revglow.training.metrics import MetricsLog, NoMetrics
+from revglow.training.run_folder import RunFolder, open_run_folder
 
 __all__ = ["RunLog", "ProgressBar"]
 
@@ -50,13 +52,41 @@ class ProgressBar:
 
 
 class RunLog:
-    """The metrics log (rank 0 writes it; the other ranks' is a NoMetrics) and the progress bar of one run from
-    step `step` to `total_steps`; `resumed_step` is the checkpoint's step on a resume (None: a new run)."""
+    """The metrics log (rank 0 writes it; the other ranks' is a NoMetrics), the progress bar from step `step` to
+    `total_steps`, and rank 0's open run folder (None elsewhere) with the run's `run_id` (on every rank).
+    `RunLog.open` makes one; `close` it when the run ends (that releases the folder's lock)."""
 
-    def __init__(self, out: Path, resumed_step: Optional[int], config: TrainConfig, dist: DistributedContext,
-                 total_steps: int, step: int) -> None:
-        self.metrics = MetricsLog(out, resumed_step, config.tensorboard) if dist.is_main else NoMetrics()
-        self.progress = ProgressBar(total_steps, step, dist.is_main, config.progress)
+    def __init__(self, metrics: Union[MetricsLog, NoMetrics], progress: Optional["ProgressBar"],
+                 folder: Optional[RunFolder], run_id: Optional[str]) -> None:
+        self.metrics, self.progress, self.folder, self.run_id = metrics, progress, folder, run_id
+
+    @classmethod
+    def open(cls, out: Path, resume_header: Optional[Dict], config: TrainConfig, dist: DistributedContext,
+             total_steps: int, step: int) -> "RunLog":
+        """Open the run folder `out` on rank 0 (lock, checks, run id: open_run_folder; `resume_header` is the
+        resumed checkpoint's {"step", "run_id"}, None for a new run), then its metrics log (on a resume that
+        drops the rows after the checkpoint's step), under the lock. A refusal reaches every rank
+        (DistributedContext.run_on_main) and leaves nothing open."""
+        opened: Dict = {}
+
+        def open_on_main() -> str:
+            folder = open_run_folder(out, config.overwrite, resume_header, config.resume)
+            try:
+                opened["metrics"] = MetricsLog(out, None if resume_header is None else int(resume_header["step"]),
+                                               config.tensorboard)
+            except BaseException:
+                folder.close()
+                raise
+            opened["folder"] = folder
+            return folder.run_id          # a str: the RunFolder holds a descriptor and stays on rank 0
+
+        run_id = dist.run_on_main(open_on_main)
+        try:
+            progress = ProgressBar(total_steps, step, dist.is_main, config.progress)
+        except BaseException:
+            cls(opened.get("metrics", NoMetrics()), None, opened.get("folder"), run_id).close()
+            raise
+        return cls(opened.get("metrics", NoMetrics()), progress, opened.get("folder"), run_id)
 
     def step(self, record: Dict) -> None:
         """A step's record: in the metrics log, and on the bar when the step was taken."""
@@ -77,5 +107,12 @@ class RunLog:
         self.progress.write(message)
 
     def close(self) -> None:
-        self.progress.close()
-        self.metrics.close()
+        """Close the bar and the metrics log, then release the run folder's lock."""
+        try:
+            if self.progress is not None:
+                self.progress.close()
+            self.metrics.close()
+        finally:
+            if self.folder is not None:
+                self.folder.close()
+                self.folder = None

@@ -1,4 +1,5 @@
-"""CIFAR-10 from its "python" batches (data_batch_1..5, test_batch) in a local folder (nothing is downloaded).
+"""CIFAR-10 from its "python" batches (data_batch_1..5, test_batch) in a local folder (nothing is downloaded). The
+batches are pickles, read with revglow.training.safe_pickle: plain data and numpy arrays only, never code.
 
 Example:
     >>> data = load_cifar10("data/cifar-10-batches-py")          # doctest: +SKIP
@@ -7,7 +8,6 @@ Example:
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from revglow.training.datasets import DataError, ImageData, TensorImageDataset, labels_array, make_image_data
+from revglow.training.safe_pickle import UnsafePickleError, safe_load
 
 __all__ = ["load_cifar10", "CIFAR10_TRAIN_FILES", "CIFAR10_TEST_FILE", "CIFAR10_CLASSES"]
 
@@ -24,9 +25,12 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """The images [N, 3, 32, 32] and labels of one python batch, unpickled as plain data only (safe_pickle: a
+    crafted file that names any other global is refused, naming the file, before anything it names runs)."""
     try:
-        with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+        batch = safe_load(path, encoding="bytes")
+    except UnsafePickleError as exc:
+        raise DataError(str(exc)) from None
     except Exception as exc:
         raise DataError(f"{path}: not a CIFAR-10 python batch (a pickled dict) ({type(exc).__name__}: {exc})") from exc
     if not isinstance(batch, dict):
