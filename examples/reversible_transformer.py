@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from revglow import ReversibleSequence, TwoNetworkCoupling
-from revglow.memory.live_storage import LiveStorageTracker
-from revglow.training.data import load_dataset
 
-MODES = ("reversible", "checkpoint", "autograd")
+from digits_classifier import digits_tensors, report, train   # beside this file
 PATCH = 2                                # 2x2 pixels per token: 16 tokens of 4 values per 8x8 digit
 
 
@@ -68,31 +66,14 @@ class ReversibleViT(nn.Module):
         tokens = self.blocks(self.embed(patches) + self.position)   # [N, T, 2 * width]
         return self.head(self.norm(tokens).mean(dim=1))
 
-
-def as_tensors(dataset) -> tuple:
-    """A data set of (uint8 image, label) pairs as one image tensor [N, 1, 8, 8] and one label tensor [N]."""
-    images, labels = zip(*dataset)
-    return torch.stack(images), torch.tensor(labels)
+    def set_memory(self, mode: str) -> None:
+        self.blocks.memory = mode
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        right = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(512), labels.split(512)))
-    model.train()
-    return right / len(labels)
 
 
-def activation_mib(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str) -> float:
-    """Peak tensor storage of one training step in `mode` above what exists before it (parameters, their
-    gradients from a warm-up step, the batch): the activations autograd or the engine keeps, and their backward."""
-    model.blocks.memory = mode
-    F.cross_entropy(model(images), labels).backward()   # warm-up: every .grad exists from here on
-    with LiveStorageTracker() as tracker:
-        F.cross_entropy(model(images), labels).backward()
-    model.zero_grad()
-    model.blocks.memory = "reversible"
-    return tracker.peak / 2 ** 20
+
+
 
 
 def main(argv=None) -> int:
@@ -108,32 +89,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    data = load_dataset("digits")                       # 1437 train, 360 test images, uint8 [1, 8, 8]
-    train_x, train_y = as_tensors(data.train)
-    test_x, test_y = as_tensors(data.test)
+    train_x, train_y, test_x, test_y = digits_tensors()
     model = ReversibleViT(args.width, args.depth, args.heads, args.dropout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=max(1, args.steps))
-    step = 0
-    while step < args.steps:
-        for batch in torch.randperm(len(train_y)).split(args.batch_size):
-            if step == args.steps:
-                break
-            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()                              # the blocks rebuild their inputs here, one by one
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if step % 100 == 0 or step == args.steps:
-                print(f"step {step:4d}  train loss {loss.item():.3f}")
-    print(f"test accuracy {accuracy(model, test_x, test_y):.3f}  ({len(test_y)} images, 10 classes)")
-
-    batch = torch.arange(args.batch_size) % len(train_y)
-    for mode in MODES:
-        mib = activation_mib(model, train_x[batch], train_y[batch], mode)
-        print(f"activation memory, memory={mode!r}: {mib:.2f} MiB  (one training step, batch {args.batch_size}, "
-              f"{args.depth} blocks)")
+    train(model, train_x, train_y, args.steps, args.batch_size, args.lr, weight_decay=0.05)
+    report(model, train_x, train_y, test_x, test_y, model.set_memory, args.batch_size, f"{args.depth} blocks")
     return 0
 
 

@@ -24,14 +24,11 @@ import argparse
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from revglow import ReversibleSequence, TwoNetworkCoupling
-from revglow.memory.live_storage import LiveStorageTracker
-from revglow.training.data import load_dataset
 
-MODES = ("reversible", "checkpoint", "autograd")
+from digits_classifier import digits_tensors, report, train   # beside this file
 
 
 def residual_function(channels: int) -> nn.Module:
@@ -76,31 +73,10 @@ class RevNet(nn.Module):
         return self.classify(self.head(self.body(x)).mean(dim=(2, 3)))
 
 
-def as_tensors(dataset) -> tuple:
-    """A data set of (uint8 image, label) pairs as one image tensor [N, 1, 8, 8] and one label tensor [N]."""
-    images, labels = zip(*dataset)
-    return torch.stack(images), torch.tensor(labels)
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        right = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(512), labels.split(512)))
-    model.train()
-    return right / len(labels)
 
 
-def activation_mib(model: RevNet, images: torch.Tensor, labels: torch.Tensor, mode: str) -> float:
-    """Peak tensor storage of one training step with the stages in `mode`, above what exists before it
-    (parameters, their gradients from a warm-up step, the batch). BatchNorm's running statistics move in both
-    steps: this measures memory, on a model that is done training."""
-    model.set_memory(mode)
-    F.cross_entropy(model(images), labels).backward()   # warm-up: every .grad exists from here on
-    with LiveStorageTracker() as tracker:
-        F.cross_entropy(model(images), labels).backward()
-    model.zero_grad()
-    model.set_memory("reversible")
-    return tracker.peak / 2 ** 20
 
 
 def main(argv=None) -> int:
@@ -116,33 +92,11 @@ def main(argv=None) -> int:
         parser.error(f"--channels must be an even number >= 2 (each block splits them in two); got {args.channels}")
     torch.manual_seed(args.seed)
 
-    data = load_dataset("digits")                       # 1437 train, 360 test images, uint8 [1, 8, 8]
-    train_x, train_y = as_tensors(data.train)
-    test_x, test_y = as_tensors(data.test)
+    train_x, train_y, test_x, test_y = digits_tensors()
     model = RevNet(args.channels, args.blocks)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=max(1, args.steps))
-    step = 0
-    while step < args.steps:
-        for batch in torch.randperm(len(train_y)).split(args.batch_size):
-            if step == args.steps:
-                break
-            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()                              # each stage rebuilds its blocks' inputs here
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if step % 100 == 0 or step == args.steps:
-                print(f"step {step:4d}  train loss {loss.item():.3f}")
-    print(f"test accuracy {accuracy(model, test_x, test_y):.3f}  ({len(test_y)} images, 10 classes)")
-
-    batch = torch.arange(args.batch_size) % len(train_y)
-    depth = len(model.stages()) * args.blocks
-    for mode in MODES:
-        mib = activation_mib(model, train_x[batch], train_y[batch], mode)
-        print(f"activation memory, memory={mode!r}: {mib:.2f} MiB  (one training step, batch {args.batch_size}, "
-              f"{depth} reversible blocks)")
+    train(model, train_x, train_y, args.steps, args.batch_size, args.lr, weight_decay=1e-4)
+    report(model, train_x, train_y, test_x, test_y, model.set_memory, args.batch_size,
+           f"{len(model.stages()) * args.blocks} reversible blocks")
     return 0
 
 

@@ -15,7 +15,8 @@ SMALL = {
 }
 
 
-def _run(name, argv, capsys) -> str:
+def _run(name, argv, capsys, monkeypatch) -> str:
+    monkeypatch.syspath_prepend(str(EXAMPLES))   # as `python examples/<name>.py` has it: digits_classifier beside it
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -25,8 +26,8 @@ def _run(name, argv, capsys) -> str:
 
 @pytest.mark.long(4)
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_engine_example_learns_and_reports_memory_in_each_mode(name, capsys):
-    out = _run(name, SMALL[name], capsys)
+def test_engine_example_learns_and_reports_memory_in_each_mode(name, capsys, monkeypatch):
+    out = _run(name, SMALL[name], capsys, monkeypatch)
     accuracy = float(re.search(r"test accuracy (\d\.\d+)", out).group(1))
     assert accuracy > 0.3, out   # chance is 0.1
     memory = dict(re.findall(r"activation memory, memory='(\w+)': (\d+\.\d+) MiB", out))
