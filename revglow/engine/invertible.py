@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from revglow.engine.sequence import inverse_vjp_by_replay, vjp
+from revglow.engine.contract import inverse_vjp_by_replay, vjp
 
 __all__ = ["InvertibleModule", "ParamGrads", "InverseVJPResult", "grads_for"]
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flow_checks import flat_grads, perturb_, rel_err
 from revglow import Glow, GlowConfig, ReconstructionError, ReconstructionWarning, ReversibleSequence
 from revglow.glow.layers.flowstep import FlowStep
-from revglow.engine.sequence import StepContractError
+from revglow.engine.contract import StepContractError
 
 MODES = ["reversible", "checkpoint", "autograd"]
 
@@ -263,7 +263,7 @@ def test_the_check_runs_when_the_first_step_has_no_backward():
 
 def test_the_check_estimates_the_relative_error_of_each_sample():
     """The fingerprint's estimate against the true per-sample relative error, computed directly."""
-    from revglow.engine.sequence import _Fingerprint
+    from revglow.engine.reconstruction import Fingerprint
     torch.manual_seed(1)
     x = torch.randn(6, 12, 16, 16, dtype=torch.float64)
     scales = torch.tensor([0.0, 1e-8, 1e-4, 1e-2, 0.3, 1.0], dtype=torch.float64)
@@ -272,13 +272,13 @@ def test_the_check_estimates_the_relative_error_of_each_sample():
     err[4, 3, 7, 7] = 5.0              # all of one sample's error on one entry
     rebuilt = x + err
     true = torch.linalg.vector_norm((rebuilt - x).flatten(1), dim=1) / torch.linalg.vector_norm(x.flatten(1), dim=1)
-    estimate = _Fingerprint(x).relative_error(rebuilt)
+    estimate = Fingerprint(x).relative_error(rebuilt)
     assert estimate[0] == 0
     ratio = estimate[1:] / true[1:]
     assert ((ratio > 0.7) & (ratio < 1.3)).all(), ratio
     nan_input = rebuilt.clone()
     nan_input[2, 0, 0, 0] = float("nan")
-    assert torch.isinf(_Fingerprint(x).relative_error(nan_input)[2])
+    assert torch.isinf(Fingerprint(x).relative_error(nan_input)[2])
 
 
 # ---------------------------------------------------------------------------------- no host syncs
