@@ -10,11 +10,13 @@ _install_checkout_kernels_finder()   # a checkout without installation finds rev
 
 from revglow.glow.config import GlowConfig  # noqa: E402
 from revglow.glow.model import Glow  # noqa: E402
-from revglow.engine.coupling import AdditiveCoupling, AffineCoupling, TwoNetworkCoupling  # noqa: E402
+from revglow.engine.check_block import BlockCheckError, BlockCheckReport, check_block  # noqa: E402
+from revglow.engine.coupling import AdditiveCoupling, AffineCoupling, TwoNetworkCoupling, float32_flow  # noqa: E402
 from revglow.engine.contract import StepContractError  # noqa: E402
 from revglow.engine.reconstruction import ReconstructionError, ReconstructionWarning  # noqa: E402
 from revglow.engine.sequence import ReversibleSequence  # noqa: E402
 
 __all__ = ["Glow", "GlowConfig", "ReversibleSequence", "ReconstructionError", "ReconstructionWarning",
-           "StepContractError", "AdditiveCoupling", "AffineCoupling", "TwoNetworkCoupling"]
+           "StepContractError", "AdditiveCoupling", "AffineCoupling", "TwoNetworkCoupling", "float32_flow",
+           "check_block", "BlockCheckReport", "BlockCheckError"]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@
     invertible.py      the step contract (InvertibleModule) every block follows
     contract.py        the contract as the engine checks it (StepContractError), the generic backward
     coupling.py        generic coupling blocks for any network: AdditiveCoupling, AffineCoupling, TwoNetworkCoupling
+    check_block.py     check_block: the checks to run on a new block (contract, inverse, logdet, gradients per mode)
     replay.py          what a backward replays from its forward: autocast, the random numbers, the buffers
     replay_reuse.py    the opt-in reuse of the inverse's computations in the replayed forward
     unregistered.py    tensors a step uses without registering them, which still get their gradients
