@@ -12,6 +12,14 @@ Test ids read as a table, op-backend-channels-pass:
   - flowstep-backend-config-pass: FlowStep in a one-step ReversibleSequence; pass forward / inverse (no
     grad) or train_MEMORY (forward + backward in that memory mode).
   - glow-backend-config-train_MEMORY: forward, backward and an Adam step of a whole Glow.
+  - coupling_network-path-side-train: forward and backward of Glow's coupling network (revglow.ops.coupling_network;
+    the plain network, no ActNorm or edge padding, with the zero layer's output scale) through `path`: reference
+    (plain autograd of the composition), lean (the one-op Function keeping its hidden tensors for backward, as in
+    the autograd and checkpoint modes) or lean_release (the Function overwriting them in its backward, as in the
+    reversible mode's recomputation). Sides 8, 16, 32 at the small Glow's sizes (6 channels in, width 128, 12 out,
+    batch 16 whatever --bench-batch says: the sizes at which a slower bookkeeping once cost the small training
+    step 20%); side 128 at the 256 config's (width 512, batch 1), marked glow256. extra_info: `flops` of the
+    three convolutions forward and backward, and `gflops`.
   Configs: "small" (3x32x32, L=3, K=8, width 128; its flow step is the first level's, 12@16x16) and "256"
   (3x256x256, L=6, width 512 as the paper's CelebA-HQ model, K=4 per level, as benchmarks/kernels.py,
   so a CPU round takes seconds, not minutes: step time is linear in K; its flow step is the first level's,
@@ -71,6 +79,9 @@ OPS = {"actnorm_conv1x1": ("torch", "triton"), "coupling_affine": ("torch", "tri
 MEMORY_MODES = ("reversible", "checkpoint", "autograd")
 # name -> (image_shape, levels, depth, hidden); the flow step of a config is its first level's.
 GLOW_CONFIGS = {"small": ((3, 32, 32), 3, 8, 128), "256": ((3, 256, 256), 6, 4, 512)}
+# Coupling network cases: side -> (batch, in channels, width, out channels); the 128 one is the 256 config's.
+NETWORK_SIZES = {8: (16, 6, 128, 12), 16: (16, 6, 128, 12), 32: (16, 6, 128, 12), 128: (1, 6, 512, 12)}
+NETWORK_PATHS = ("reference", "lean", "lean_release")
 # Rounds of the step-level benchmarks (after one warm-up round), fixed so a slow 256 config stays bounded.
 STEP_ROUNDS = {"small": 10, "256": 3}
 
@@ -258,3 +269,53 @@ def test_glow_train_step(benchmark, backend, config, pass_, device, batch):
                                 hidden=cfg.hidden, memory=memory, device=str(device),
                                 parameters=sum(p.numel() for p in model.parameters()))
     _pedantic(benchmark, fn, config)
+
+
+def _network_cases():
+    for side in NETWORK_SIZES:
+        marks = [pytest.mark.glow256] if side == 128 else []
+        for path in NETWORK_PATHS:
+            yield pytest.param(path, side, id=f"coupling_network-{path}-{side}-train", marks=marks)
+
+
+def _network_flops(n: int, c_in: int, width: int, c_out: int, side: int) -> int:
+    """Multiply-adds x 2 of the three convolutions, forward and backward (input and weight gradients: 3x)."""
+    per_pixel = 9 * c_in * width + width * width + 9 * width * c_out
+    return 3 * 2 * n * side * side * per_pixel
+
+
+@pytest.mark.parametrize("path, side", list(_network_cases()))
+def test_coupling_network(benchmark, path, side, device):
+    from revglow.ops.coupling_network import coupling_network, coupling_network_reference
+
+    n, c_in, width, c_out = NETWORK_SIZES[side]
+    g = torch.Generator().manual_seed(side)
+
+    def param(*shape, std=0.05):
+        return (torch.randn(*shape, generator=g) * std).to(device).requires_grad_(True)
+
+    weights = [param(width, c_in, 3, 3), param(width), None, None, param(width, width, 1, 1), param(width), None,
+               None, param(c_out, width, 3, 3), param(c_out), (1 + param(c_out)).detach().requires_grad_(True)]
+    x = param(n, c_in, side, side, std=1.0)
+    grad_out = torch.randn(n, c_out, side, side, generator=g).to(device)
+    leaves = [x] + [w for w in weights if w is not None]
+    if path == "reference":
+        net = lambda: coupling_network_reference(x, *weights, False)  # noqa: E731
+    else:
+        net = lambda: coupling_network(x, *weights, False, release=path == "lean_release")  # noqa: E731
+
+    def fn():
+        return torch.autograd.grad(net(), leaves, grad_out)
+
+    benchmark.group = f"coupling_network-{side}"
+    flops = _network_flops(n, c_in, width, c_out, side)
+    benchmark.extra_info.update(shape=[n, c_in, side, side], width=width, out_channels=c_out, device=str(device),
+                                flops=flops)
+    if side == 128:
+        _pedantic(benchmark, fn, "256")
+    else:
+        fn()
+        benchmark(fn)
+    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+    if stats is not None:
+        benchmark.extra_info["gflops"] = flops / stats.stats.median / 1e9

@@ -19,20 +19,23 @@ Three exact rewrites:
    gradient passes where r > 0. What is kept for backward is x and the two ReLU outputs r1, r2 (which the next
    convolutions need for their weight gradients anyway), no ActNorm input, no padded copy (revglow.ops.conv_same
    adds the last layer's border term to its narrow output instead of concatenating a border channel to r2).
-3. Backward, layer by layer from the top, each wide tensor is dropped as soon as it has been read for the last
-   time: a ReLU output is read for its weight gradient, then reduced to a boolean mask (a quarter of its size
-   in float32) and freed before the gradient it masks is allocated; the mask is applied in place.
-       g3 = dL/dout                 dw3' = corr(g3, r2)      m2 = r2 > 0, free r2
-       g2 = m2 * convT(g3, w3')     dw2' = corr(g2, r1)      m1 = r1 > 0, free r1
-       g1 = m1 * convT(g2, w2'),   free g2                   dw1', dL/dx from g1 and x
-   Alive at once: at most two wide tensors and a mask (r1, g2, m1), against about five under autograd.
+3. Backward, layer by layer from the top, no wide tensor is allocated that an old one could hold: a ReLU
+   output is read for its weight gradient, then overwritten by the gradient it gates, a slice (a quarter) at a
+   time: each slice's input gradient goes through a buffer and ReLU's own backward (threshold_backward, one
+   fused pass) writes it, zeroed where r <= 0, over that slice of r.
+       g3 = dL/dout                     dw3' = corr(g3, r2)      r2 <- (r2 > 0) * convT(g3, w3'), =: g2
+       g2                               dw2' = corr(g2, r1)      r1 <- (r1 > 0) * convT(g2, w2'), =: g1, free g2
+       g1                               dw1', dL/dx from g1 and x
+   Alive at once: at most two wide tensors and a quarter of one (r1, g2, a slice), against about five under
+   autograd. (A boolean mask of r would do as well for memory, but masked_fill_ and comparisons into bool run
+   about ten times slower than threshold_backward on the CPU: at 32x32 they made a training step 20% slower.)
 
 Early freeing needs the intermediates held by the Function itself rather than by `save_for_backward` (which
 keeps them to the end of the backward, and runs them through saved-tensor hooks such as
 torch.utils.checkpoint's). So it is asked for with `release=True` by a caller that runs one backward through the
-output right away (the reversible engine's recomputation); otherwise the Function saves r1 and r2 normally.
-Either way a second backward (retain_graph) recomputes what the first one freed, and a double backward
-(create_graph) differentiates the reference instead.
+output right away (the reversible engine's recomputation); otherwise the Function saves r1 and r2 normally and
+never writes them. A second backward (retain_graph) after a release recomputes what the first one overwrote, and a
+double backward (create_graph) differentiates the reference instead.
 
 Under autocast the op keeps its memory saving in the autocast dtype: the weights are folded in float32, then the
 input and the folded weights are cast to that dtype and the three convolutions run there with autocast off (what
@@ -47,7 +50,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from revglow.ops.conv_same import conv2d_same, conv2d_same_backward
+from revglow.ops.conv_same import conv1x1, conv2d_same, conv2d_same_backward, conv2d_same_input_grad
 
 __all__ = ["coupling_network", "coupling_network_reference", "fold_scale_shift"]
 
@@ -85,7 +88,7 @@ def fold_scale_shift(weight: Tensor, bias: Optional[Tensor], scale: Optional[Ten
 def _hidden(x, w1, b1, w2, b2, edge_padding):
     """r1, r2: each ReLU in place on its convolution's fresh output."""
     r1 = conv2d_same(x, w1, b1, edge_padding).relu_()
-    r2 = F.conv2d(r1, w2, b2).relu_()
+    r2 = conv1x1(r1, w2, b2).relu_()
     return r1, r2
 
 
@@ -100,6 +103,45 @@ def _folded_reference(x, w1, b1, w2, b2, w3, b3, edge_padding):
     h = F.relu(conv2d_same(x, w1, b1, edge_padding))
     h = F.relu(F.conv2d(h, w2, b2))
     return conv2d_same(h, w3, b3, edge_padding)
+
+
+# The gradient written over a ReLU output goes through a buffer of at most a quarter of it (or of this many bytes,
+# whichever is more: below it a single piece costs fewer calls and its memory does not matter).
+_PIECE_BYTES = 256 * 1024
+_PIECES = 4
+
+
+def _pieces(hidden: Tensor) -> Tuple[int, int]:
+    """(dim, length): the slices of `hidden` along the batch (dim 0) when it has enough samples, else along its
+    channels (dim 1), that `_relu_input_grad` computes one at a time."""
+    size = hidden.numel() * hidden.element_size()
+    count = max(1, min(_PIECES, -(-size // _PIECE_BYTES)))
+    dim = 0 if hidden.shape[0] >= count else 1
+    return dim, -(-hidden.shape[dim] // count)
+
+
+def _relu_input_grad(grad: Tensor, hidden: Tensor, weight: Tensor, owned: bool) -> Tensor:
+    """dL/dpre for hidden = relu(pre) read by out = conv2d_same(hidden, weight, ...), given grad = dL/dout: the
+    convolution's input gradient, zero where hidden <= 0 (threshold_backward, ReLU's own backward, in place).
+
+    `owned`: hidden is no longer needed but for its sign, so the gradient is written over it, a slice at a time
+    (`_pieces`: each slice's input gradient reads only its slice of hidden and, along the batch, of grad), and no
+    third wide tensor is alive: a ReLU output, the gradient of the layer above and one slice of the new gradient.
+    Otherwise (hidden saved for a later backward) the gradient is a new tensor."""
+    if not owned:
+        out = conv2d_same_input_grad(grad, hidden, weight)
+        return torch.ops.aten.threshold_backward.grad_input(out, hidden, 0, grad_input=out)
+    dim, length = _pieces(hidden)
+    for start in range(0, hidden.shape[dim], length):
+        part = hidden.narrow(dim, start, min(length, hidden.shape[dim] - start))
+        if dim == 0:
+            piece = conv2d_same_input_grad(grad.narrow(0, start, part.shape[0]), part, weight)
+        else:   # the input's stand-in: hidden's first elements, contiguous and of the slice's shape (never read)
+            stand_in = hidden.view(-1)[:part.numel()].view(part.shape) if hidden.is_contiguous() else part
+            piece = conv2d_same_input_grad(grad, stand_in, weight, slice(start, start + part.shape[1]))
+        torch.ops.aten.threshold_backward.grad_input(piece, part, 0, grad_input=part)
+        del piece
+    return hidden
 
 
 class _CouplingNetworkFunction(torch.autograd.Function):
@@ -141,35 +183,26 @@ class _CouplingNetworkFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
             return tuple(next(grads) if need else None for need in needs[:7]) + (None, None)
 
-        if ctx.saves_hidden:
-            r1, r2 = saved[7:]
+        if ctx.saves_hidden:   # saved tensors: read, never written (a second backward reads them again)
+            (r1, r2), owned = saved[7:], False
         elif ctx.hidden is not None:
-            (r1, r2), ctx.hidden = ctx.hidden, None
-        else:   # a second backward through the same graph (retain_graph): the first one freed them
+            (r1, r2), ctx.hidden, owned = ctx.hidden, None, True
+        else:   # a second backward through the same graph (retain_graph): the first one overwrote them
             with torch.no_grad():
-                r1, r2 = _hidden(x, w1, b1, w2, b2, edge_padding)
+                (r1, r2), owned = _hidden(x, w1, b1, w2, b2, edge_padding), True
         grad_out = grad_out.contiguous()
 
-        # last layer: weight gradient from r2, then r2 is reduced to its mask and dropped
+        # last layer: weight gradient from r2; then dL/d(conv_hidden output), written over r2 when it is ours
         _, grad_w3 = conv2d_same_backward(grad_out, r2, w3, edge_padding, input_grad=False, weight_grad=needs[5])
         grad_b3 = grad_out.sum((0, 2, 3)) if needs[6] else None
-        dead = r2 <= 0
-        shape2 = r2.shape
+        grad = _relu_input_grad(grad_out, r2, w3, owned)
         del r2
-        grad, _ = conv2d_same_backward(grad_out, shape2, w3, edge_padding, input_grad=True, weight_grad=False)
-        grad.masked_fill_(dead, 0)          # dL/d(folded conv_hidden output)
-        del dead
-        # hidden 1x1 layer: weight gradient from r1, then r1 is reduced to its mask and dropped
+        # hidden 1x1 layer: weight gradient from r1; then dL/d(conv_in output), written over r1 when it is ours
         grad_w2 = conv2d_same_backward(grad, r1, w2, False, input_grad=False, weight_grad=True)[1] if needs[3] \
             else None
         grad_b2 = grad.sum((0, 2, 3)) if needs[4] else None
-        dead = r1 <= 0
-        shape1 = r1.shape
-        del r1
-        grad_r1, _ = conv2d_same_backward(grad, shape1, w2, False, input_grad=True, weight_grad=False)
-        del grad
-        grad_r1.masked_fill_(dead, 0)       # dL/d(folded conv_in output)
-        del dead
+        grad_r1 = _relu_input_grad(grad, r1, w2, owned)
+        del grad, r1
         # first layer
         grad_b1 = grad_r1.sum((0, 2, 3)) if needs[2] else None
         grad_x, grad_w1 = conv2d_same_backward(grad_r1, x, w1, edge_padding, input_grad=needs[0],

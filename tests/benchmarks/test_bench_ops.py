@@ -76,6 +76,12 @@ def test_every_small_benchmark_runs_once():
         assert outcomes.get(f"flowstep-torch-small-train_{memory}") == "PASSED"
         assert outcomes.get(f"glow-torch-small-train_{memory}") == "PASSED"
     assert outcomes.get("flowstep-torch-small-forward") == outcomes.get("flowstep-torch-small-inverse") == "PASSED"
+    # The coupling network op at the small Glow's sizes, each path, so that a slower bookkeeping shows here.
+    small_sides = [side for side in bench.NETWORK_SIZES if side <= 32]
+    assert small_sides == [8, 16, 32] and all(bench.NETWORK_SIZES[side][:3:2] == (16, 128) for side in small_sides)
+    for side in small_sides:
+        for path in bench.NETWORK_PATHS:
+            assert outcomes.get(f"coupling_network-{path}-{side}-train") == "PASSED", (path, side)
     assert not any("-256-" in case for case in outcomes), "the glow256 cases were not deselected"
     assert set(outcomes.values()) <= {"PASSED", "SKIPPED"}
 

@@ -39,8 +39,81 @@ def test_step_time_script(tmp_path, capsys):
     assert "reversible / autograd" in out and "reversible / checkpoint" in out
     rows = _rows(results)
     assert sorted(r["mode"] for r in rows) == ["autograd", "checkpoint", "reversible", "reversible-bare"]
+    assert all(r["contender"] == "revglow" and r["network"] == "plain" for r in rows)
     assert "reversible / reversible without check and RNG replay" in out
     assert all(r["median_s"] > 0 and r["git"] and r["torch"] for r in rows)
+
+
+_PEER = """
+import torch
+from torch import nn
+
+
+class AffineCoupling(nn.Module):   # rosinality/glow-pytorch's interface, the network's width a default argument
+    def __init__(self, in_channel, filter_size=512, affine=True):
+        super().__init__()
+        if filter_size != {width}:
+            raise AssertionError(f"the peer's couplings were built at width {{filter_size}}, not {width}")
+        self.net = nn.Sequential(nn.Conv2d(in_channel // 2, filter_size, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(filter_size, in_channel, 3, padding=1))
+
+    def forward(self, x):
+        a, b = x.chunk(2, 1)
+        log_s, t = self.net(a).chunk(2, 1)
+        s = torch.sigmoid(log_s + 2)
+        return torch.cat([a, (b + t) * s], 1), torch.log(s).flatten(1).sum(1)
+
+
+class Glow(nn.Module):
+    def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True):
+        super().__init__()
+        self.flows = nn.ModuleList(AffineCoupling(4 * in_channel) for _ in range(n_flow))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        out = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+        logdet = 0
+        for flow in self.flows:
+            out, det = flow(out)
+            logdet = logdet + det
+        return (-0.5 * out.square()).flatten(1).sum(1), logdet, [out]
+"""
+
+
+def test_step_time_against_a_peer_model_file(tmp_path, capsys):
+    """--peer: the peer's Glow built from its file at this problem's width, timed beside revglow's modes."""
+    peer = tmp_path / "model.py"
+    peer.write_text(_PEER.format(width=8))
+    results = str(tmp_path / "step.jsonl")
+    _load("step_time").main(["--image-size", "8", "--levels", "1", "--depth", "2", "--hidden", "8",
+                             "--batch-size", "2", "--rounds", "2", "--warmup", "1", "--results", results,
+                             "--peer", str(peer)])
+    out = capsys.readouterr().out
+    assert "autograd / peer:" in out and "reversible / peer:" in out
+    rows = _rows(results)
+    peer_rows = [r for r in rows if r["contender"] == "peer"]
+    assert len(peer_rows) == 1 and peer_rows[0]["mode"] == "autograd" and peer_rows[0]["median_s"] > 0
+    assert peer_rows[0]["peer"] == "model.py" and all(r["network"] == "plain" for r in rows)
+    with pytest.raises(ValueError, match="no Glow"):
+        (tmp_path / "empty.py").write_text("x = 1\n")
+        _load("step_time").load_peer_module(str(tmp_path / "empty.py"))
+
+
+@pytest.mark.long(8)
+def test_step_time_against_an_earlier_checkout(tmp_path, capsys):
+    """--baseline-checkout: the modes of another checkout (here this one) run in a process that imports revglow
+    from it, alternating with this run's; their rows say so."""
+    results = str(tmp_path / "step.jsonl")
+    step_time = _load("step_time")
+    step_time.main(["--image-size", "8", "--levels", "1", "--depth", "2", "--hidden", "8", "--batch-size", "2",
+                    "--rounds", "2", "--warmup", "1", "--results", results, "--baseline-checkout", ROOT])
+    out = capsys.readouterr().out
+    assert "reversible / baseline" in out and "(side by side)" in out
+    baseline = [r for r in _rows(results) if r["contender"] == "baseline"]
+    assert sorted(r["mode"] for r in baseline) == ["autograd", "checkpoint", "reversible"]
+    assert all(r["median_s"] > 0 for r in baseline)
+    with pytest.raises(ValueError, match="no revglow"):
+        step_time.BaselineCheckout(str(tmp_path), None, ["autograd"])
 
 
 def test_memory_vs_depth_script(tmp_path, capsys, monkeypatch):
