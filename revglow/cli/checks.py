@@ -2,14 +2,13 @@
 and running out of memory, told as one line that names the flag that sets the batch."""
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 import torch
 
 from revglow.errors import RevglowError
 
-__all__ = ["CommandError", "require_at_least", "out_of_memory_message"]
+__all__ = ["CommandError", "out_of_memory_message"]
 
 # The flag that sets how many images a command holds at once, per command: what to lower when memory runs out.
 _BATCH_FLAGS = {"train": "--batch-size", "eval": "--batch-size", "sample": "--batch-size",
@@ -18,13 +17,6 @@ _BATCH_FLAGS = {"train": "--batch-size", "eval": "--batch-size", "sample": "--ba
 
 class CommandError(RevglowError):
     """A problem with what the user asked for; printed as one line, exit status 1."""
-
-
-def require_at_least(args: argparse.Namespace, name: str, minimum, why: str = "") -> None:
-    """A one-line error naming the flag when args.<name> is below `minimum`."""
-    value = getattr(args, name)
-    if value < minimum:
-        raise CommandError(f"--{name.replace('_', '-')} must be >= {minimum}{why}; got {value}")
 
 
 def out_of_memory_message(exc: BaseException, command: str) -> Optional[str]:

@@ -65,7 +65,8 @@ def train_configs(given: dict):
     """(GlowConfig, TrainConfig, data, resume state) from the flags given."""
     from revglow.training.distributed import DistributedContext
     from revglow.training.model_defaults import default_glow_config
-    from revglow.training.resume import RESUME_GLOW_FIELDS, load_resume_state, train_config_for_resume
+    from revglow.glow.config import RUNTIME_OPTIONS
+    from revglow.training.resume import load_resume_state, train_config_for_resume
     from revglow.training.run_folder import check_out_folder, resume_out_folder
 
     glow_over = {f.name: given[f.name] for f in fields(GlowConfig) if f.name in given}
@@ -87,7 +88,7 @@ def train_configs(given: dict):
     state = load_resume_state(path)
     _check_data_root(str(state["train_config"].get("data")), train_over)
     saved = GlowConfig.from_dict(state["glow_config"]).to_dict()
-    model_changes = sorted(k for k, v in glow_over.items() if saved.get(k) != v and k not in RESUME_GLOW_FIELDS)
+    model_changes = sorted(k for k, v in glow_over.items() if saved.get(k) != v and k not in RUNTIME_OPTIONS)
     saved_train = state["train_config"]
     data_changes = sorted(k for k in _FIXED_ON_RESUME if k in train_over and train_over[k] != saved_train.get(k))
     for what, changed in (("the model", model_changes), ("the data, the seed or the optimizer", data_changes)):
@@ -95,7 +96,7 @@ def train_configs(given: dict):
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise CommandError(f"{path}: cannot change {what} on resume ({flags} differ from the checkpoint); start "
                                f"a new run (another --out, or --overwrite) to change them")
-    glow = GlowConfig.from_dict({**saved, **{k: v for k, v in glow_over.items() if k in RESUME_GLOW_FIELDS}})
+    glow = GlowConfig.from_dict({**saved, **{k: v for k, v in glow_over.items() if k in RUNTIME_OPTIONS}})
     # Where the resumed run writes: --out, else the checkpoint's own folder; refused (touching nothing) when that
     # folder holds another run. The checkpoint's saved out is never used.
     folder = DistributedContext.current().run_on_main(resume_out_folder, path, state, train_over.get("out"))

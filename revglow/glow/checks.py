@@ -26,17 +26,15 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 import torch
 
 from revglow.errors import RevglowError
-from revglow.glow.config import GlowConfig
+from revglow.glow.config import RUNTIME_OPTIONS, GlowConfig
 
 if TYPE_CHECKING:
     from revglow.glow.model import Glow
 
 __all__ = ["require_initialized", "check_images", "check_raw_images", "check_preprocessed", "check_labels",
            "check_context", "check_inputs", "check_latents", "check_sample_request", "require_class_head",
-           "RUNTIME_OPTIONS", "ConfigMismatchError", "register_config_check"]
+           "ConfigMismatchError", "register_config_check"]
 
-# GlowConfig options that change how a model runs, not what its weights mean: a state dict loads across them.
-RUNTIME_OPTIONS = ("memory", "kernels", "compile", "check_reconstruction", "reconstruction_tol")
 
 
 def require_initialized(model: Glow, what: str) -> None:

@@ -10,11 +10,14 @@ from revglow.config_fields import check_bools, check_choices, check_int, check_k
 from revglow.engine.options import MEMORY_MODES, RECONSTRUCTION_CHECKS
 from revglow.errors import ConfigError, ConfigTypeError
 
-__all__ = ["GlowConfig", "COUPLINGS", "PERMUTATIONS", "KERNEL_BACKENDS", "check_logscale_factor"]
+__all__ = ["GlowConfig", "COUPLINGS", "PERMUTATIONS", "KERNEL_BACKENDS", "RUNTIME_OPTIONS", "check_logscale_factor"]
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv_lu", "invconv", "shuffle", "reverse")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+# The fields that say how the model runs, not what it computes: a state dict loads across them, and they may
+# change on --resume.
+RUNTIME_OPTIONS = ("memory", "kernels", "compile", "check_reconstruction", "reconstruction_tol")
 
 
 def check_logscale_factor(name: str, value, allow_none: bool) -> Optional[float]:

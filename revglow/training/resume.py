@@ -4,7 +4,7 @@
 position, every RNG, the learning rate and rollbacks of revglow.training.divergence) and the run id of its folder;
 `write_checkpoint(trainer)` writes it (atomically, gathering every rank's RNG states under torch.distributed; the
 trainer verifies the state first, so no checkpoint holds a bad one), and `restore_state(trainer, state)` puts it
-back into a new trainer: the same parameters and losses, bit for bit, on the CPU. A resumed run keeps its model (only RESUME_GLOW_FIELDS may change) and its
+back into a new trainer: the same parameters and losses, bit for bit, on the CPU. A resumed run keeps its model (only RUNTIME_OPTIONS may change) and its
 optimizer; its training options (TrainConfig) may change, as `train_config_for_resume` lays them over the saved ones.
 
 Example:
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Dict
 import torch
 
 from revglow.errors import ConfigError
-from revglow.glow.config import GlowConfig
+from revglow.glow.config import RUNTIME_OPTIONS, GlowConfig
 from revglow.training.checkpoints import (RUN_ID_KEY, capture_rng_state, link_or_copy_atomic, load_checkpoint,
                                           prune_step_checkpoints, restore_rng_state, save_checkpoint,
                                           step_checkpoint_path)
@@ -31,11 +31,8 @@ from revglow.training.seeds import rank_seed, seed_global_rngs
 if TYPE_CHECKING:
     from revglow.training.trainer import Trainer
 
-__all__ = ["RESUME_GLOW_FIELDS", "load_resume_state", "train_config_for_resume", "check_resumable",
+__all__ = ["load_resume_state", "train_config_for_resume", "check_resumable",
            "checkpoint_state", "write_checkpoint", "restore_state"]
-
-# GlowConfig fields that say how the model runs, not what it computes: they may change on --resume.
-RESUME_GLOW_FIELDS = ("memory", "kernels", "compile", "check_reconstruction", "reconstruction_tol")
 
 
 def load_resume_state(path: str) -> Dict:
@@ -55,7 +52,7 @@ def train_config_for_resume(state: Dict, overrides: Dict) -> TrainConfig:
 
 def check_resumable(state: Dict, glow_config: GlowConfig, config: TrainConfig) -> None:
     """A ConfigError unless the run of `state` can go on with `glow_config` and `config`: the same optimizer (its
-    state does not carry over to another), and the same model but for RESUME_GLOW_FIELDS."""
+    state does not carry over to another), and the same model but for RUNTIME_OPTIONS."""
     saved_optimizer = state["train_config"].get("optimizer", "adam")    # runs from before the option: Adam
     if saved_optimizer != config.optimizer:
         raise ConfigError(f"the checkpoint was trained with --optimizer {saved_optimizer}; a resumed run keeps "
@@ -63,11 +60,11 @@ def check_resumable(state: Dict, glow_config: GlowConfig, config: TrainConfig) -
                           f"{config.optimizer} cannot continue it")
     saved = GlowConfig.from_dict(state["glow_config"]).to_dict()
     given = glow_config.to_dict()
-    changed = sorted(k for k in given if k not in RESUME_GLOW_FIELDS and saved.get(k) != given[k])
+    changed = sorted(k for k in given if k not in RUNTIME_OPTIONS and saved.get(k) != given[k])
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise ConfigError(f"the checkpoint's model differs from the one given ({flags}); a resumed run keeps "
-                          f"its model (only {', '.join('--' + k.replace('_', '-') for k in RESUME_GLOW_FIELDS)} "
+                          f"its model (only {', '.join('--' + k.replace('_', '-') for k in RUNTIME_OPTIONS)} "
                           f"may change)")
 
 

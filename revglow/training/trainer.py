@@ -134,7 +134,7 @@ class Trainer:
 
     Give `resume_state` (a loaded checkpoint) to continue a run exactly where the checkpoint left it; the
     options in `config` (learning rate, warm-up, EMA decay, batch size, steps, cadences, ...) and the
-    RESUME_GLOW_FIELDS of `glow_config` take effect from there on. Inside an initialized torch.distributed process
+    RUNTIME_OPTIONS of `glow_config` take effect from there on. Inside an initialized torch.distributed process
     group each process trains on its share of every global batch (per-process batch_size x world size).
     """
 
