@@ -106,8 +106,10 @@ def _folded_reference(x, w1, b1, w2, b2, w3, b3, edge_padding):
 
 
 # The gradient written over a ReLU output goes through a buffer of at most a quarter of it (or of this many bytes,
-# whichever is more: below it a single piece costs fewer calls and its memory does not matter).
-_PIECE_BYTES = 256 * 1024
+# whichever is more: below it a single piece costs fewer calls and its memory does not matter). Each piece costs
+# its own convolution-backward call: at 256 KiB a 32x32 step (hidden tensors of 2 MiB) ran 4 pieces per ReLU and
+# its reversible backward took about 8% longer than with one.
+_PIECE_BYTES = 4 * 1024 * 1024
 _PIECES = 4
 
 

@@ -73,11 +73,12 @@ def test_gradients_written_over_the_relu_outputs_a_slice_at_a_time(monkeypatch, 
 
 
 def test_pieces_are_a_quarter_of_a_wide_tensor_or_one_small_one():
-    assert network_op._pieces(torch.empty(16, 128, 16, 16)) == (0, 4)      # 2 MiB: four slices of 4 samples
-    assert network_op._pieces(torch.empty(2, 128, 32, 32)) == (1, 32)      # 1 MiB, batch 2: four of 32 channels
-    assert network_op._pieces(torch.empty(16, 128, 8, 8)) == (0, 8)        # 512 KiB: two of 256 KiB
-    assert network_op._pieces(torch.empty(16, 128, 4, 4)) == (0, 16)       # 128 KiB: one
     assert network_op._pieces(torch.empty(1, 512, 128, 128)) == (1, 128)   # 32 MiB at batch 1: four of 8 MiB
+    assert network_op._pieces(torch.empty(16, 512, 32, 32)) == (0, 4)      # 32 MiB: four slices of 4 samples
+    assert network_op._pieces(torch.empty(16, 128, 32, 32)) == (0, 8)      # 8 MiB: two of 4 MiB
+    assert network_op._pieces(torch.empty(1, 512, 64, 64)) == (1, 256)     # 8 MiB at batch 1: two of 256 channels
+    assert network_op._pieces(torch.empty(16, 128, 16, 16)) == (0, 16)     # 2 MiB: one
+    assert network_op._pieces(torch.empty(2, 128, 32, 32)) == (0, 2)       # 1 MiB: one
 
 
 @pytest.mark.parametrize("release", [True, False])
