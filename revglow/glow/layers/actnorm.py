@@ -1,7 +1,7 @@
 """ActNorm (paper, section 3.1): a per-channel affine map y = s * x + b with data-dependent initialization."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,23 @@ class ActNorm(InvertibleModule):
 
     def logdet_per_pixel(self) -> torch.Tensor:
         return self.effective_log_scale().sum()
+
+    def parameter_grads(self, grad_scale: torch.Tensor, grad_bias: torch.Tensor,
+                        grad_logdet_per_pixel: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        """{parameter: gradient} given dL/d scale(), dL/d bias and dL/d logdet_per_pixel(), in closed form
+        (scale = exp(f * log_scale), logdet_per_pixel = f * sum(log_scale)): what autograd through those three
+        would give, without a graph. The reversible backward of a flow step calls it once per step; a nested
+        autograd call cost about as much as the rest of the step's flow arithmetic."""
+        with torch.no_grad():
+            scale = self.scale()
+            grad_log_scale = (grad_scale.to(scale.dtype) * scale + grad_logdet_per_pixel.to(scale.dtype)) \
+                * self.logscale_factor
+        grads = {}
+        if self.log_scale.requires_grad:
+            grads[self.log_scale] = grad_log_scale.to(self.log_scale.dtype)
+        if self.bias.requires_grad:
+            grads[self.bias] = grad_bias.to(self.bias.dtype)
+        return grads
 
     # The unfused reference map. Glow never calls these: its FlowStep fuses ActNorm with the channel mixing
     # (revglow.ops.actnorm_conv1x1, built on the same actnorm_reference) and uses only initialize_from, scale(),

@@ -10,12 +10,13 @@ from typing import Optional
 import torch
 
 from revglow.glow.layers.actnorm import ActNorm
-from revglow.engine.invertible import InverseVJPResult, InvertibleModule, grads_for
+from revglow.engine.invertible import InverseVJPResult, InvertibleModule
 from revglow.glow.layers.pixelwise import logdet_per_sample
 from revglow.engine.coupling import float32_flow
 from revglow.glow.layers.coupling import Coupling
 from revglow.glow.layers.permutation import make_channel_mixing
 from revglow.ops import actnorm_conv1x1 as ops
+from revglow.ops.actnorm_conv1x1 import invert_weight
 from revglow.ops.dispatch import resolve_backend
 
 __all__ = ["FlowStep"]
@@ -81,19 +82,17 @@ class FlowStep(InvertibleModule):
                     context: Optional[torch.Tensor] = None) -> InverseVJPResult:
         out = self.coupling.inverse_vjp(y, grad_y, grad_logdet, context)
         z, grad_z, param_grads = out[:3]
-        with float32_flow(y), torch.enable_grad():
+        # Closed-form math throughout: no graph, and the parameters' gradients from ActNorm's and the mixing's
+        # own closed forms (a nested autograd call per step cost more than the arithmetic itself).
+        with float32_flow(y), torch.no_grad():
             s, b, w = self._scale_bias_weight(y)
-            w_inv = self.mixing.weight_inverse().to(y.dtype)
-            with torch.no_grad():   # closed-form math: nothing to record
-                x, grad_x, grad_s, grad_b, grad_w = ops.actnorm_conv1x1_reversible_backward(
-                    z, grad_z, s.detach(), b.detach(), w.detach(), w_inv, resolve_backend(self.kernels, y),
-                    compile=self.compile)
-            # The log-determinant depends on the parameters only: differentiate its small graph directly (the
-            # VJP of logdet_per_sample's expansion is H * W * sum(grad_logdet)).
-            per_pixel = self._mixing_logdet_per_pixel()
-            grad_per_pixel = (grad_logdet.sum() * (y.shape[2] * y.shape[3])).to(per_pixel.dtype)
-            params = list(self.actnorm.parameters()) + list(self.mixing.parameters())
-            param_grads.update(grads_for([s, b, w, per_pixel], [grad_s, grad_b, grad_w, grad_per_pixel], params))
+            w_inv = invert_weight(w)
+            x, grad_x, grad_s, grad_b, grad_w = ops.actnorm_conv1x1_reversible_backward(
+                z, grad_z, s, b, w, w_inv, resolve_backend(self.kernels, y), compile=self.compile)
+            # logdet_per_sample expands the per-pixel log-determinant over H * W pixels of every sample
+            grad_per_pixel = grad_logdet.sum() * (y.shape[2] * y.shape[3])
+            param_grads.update(self.actnorm.parameter_grads(grad_s, grad_b, grad_per_pixel))
+            param_grads.update(self.mixing.parameter_grads(grad_w, grad_per_pixel))
         if context is None:
             return x, grad_x, param_grads
         return x, grad_x, param_grads, out[3]

@@ -8,16 +8,19 @@ Every class offers:
                         under 1% of a step, see benchmarks/step_time.py), and a cache could go stale through
                         `.data` edits or carry an inference-mode tensor into training
     logdet_per_pixel()  log|det W|, differentiable
+    parameter_grads()   the parameters' gradients from dL/dW and dL/d log|det W|, in closed form (no graph)
 which is all Glow's FlowStep uses: it runs ActNorm and the mixing as one fused op. `forward` and `inverse` here
 are the unfused reference (`channel_mix`, the function the fused op's reference is built on), for tests and for
 a mixing used on its own.
 """
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 from torch import nn
 
-from revglow.engine.invertible import InvertibleModule
+from revglow.engine.invertible import InvertibleModule, grads_for
 from revglow.glow.layers.pixelwise import logdet_per_sample
 from revglow.ops.actnorm_conv1x1 import channel_mix, invert_weight
 
@@ -41,6 +44,20 @@ class ChannelMixing(InvertibleModule):
     def weight_inverse(self) -> torch.Tensor:
         with torch.no_grad():
             return invert_weight(self.weight_matrix())
+
+    def parameter_grads(self, grad_weight: torch.Tensor,
+                        grad_logdet_per_pixel: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        """{parameter: gradient} given dL/dW and dL/d logdet_per_pixel(). This generic version differentiates
+        weight_matrix() and logdet_per_pixel() with autograd; subclasses give the closed form (the reversible
+        backward of a flow step calls this once per step, and a nested autograd call costs more than the rest
+        of the step's flow arithmetic)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return {}
+        with torch.enable_grad():
+            outputs = [self.weight_matrix(), self.logdet_per_pixel()]
+        return grads_for(outputs, [grad_weight.to(outputs[0].dtype), grad_logdet_per_pixel.to(outputs[1].dtype)],
+                         params)
 
     def forward(self, x):
         y = channel_mix(self.weight_matrix().to(x.dtype), x)
@@ -66,6 +83,15 @@ class InvConv1x1(ChannelMixing):
 
     def logdet_per_pixel(self):
         return torch.linalg.slogdet(self.weight.to(torch.float64))[1].to(self.weight.dtype)
+
+    def parameter_grads(self, grad_weight, grad_logdet_per_pixel):
+        # d log|det W| / dW = W^-T
+        if not self.weight.requires_grad:
+            return {}
+        with torch.no_grad():
+            grad = grad_weight.to(self.weight.dtype) \
+                + grad_logdet_per_pixel.to(self.weight.dtype) * self.weight_inverse().t()
+        return {self.weight: grad}
 
 
 class InvConv1x1LU(ChannelMixing):
@@ -97,6 +123,22 @@ class InvConv1x1LU(ChannelMixing):
     def logdet_per_pixel(self):
         return self.log_s.sum()
 
+    def parameter_grads(self, grad_weight, grad_logdet_per_pixel):
+        # W = P A B with A = L * mask + I, B = U * mask^T + diag(sign * exp(log_s)):
+        # dL/dA = P^T G B^T, dL/dB = A^T P^T G (G = dL/dW); the masks and the diagonal pick the parameters' parts.
+        with torch.no_grad():
+            grad = grad_weight.to(self.lower.dtype)
+            lower = self.lower * self.lower_mask + self.eye
+            diagonal = self.sign_s * torch.exp(self.log_s)
+            upper = self.upper * self.lower_mask.t() + torch.diag(diagonal)
+            permuted = self.perm.t() @ grad
+            grad_lower = permuted @ upper.t()
+            grad_upper = lower.t() @ permuted
+            candidates = ((self.lower, grad_lower * self.lower_mask), (self.upper, grad_upper * self.lower_mask.t()),
+                          (self.log_s, torch.diagonal(grad_upper) * diagonal
+                           + grad_logdet_per_pixel.to(self.log_s.dtype)))
+        return {p: g for p, g in candidates if p.requires_grad}
+
 
 class FixedPermutation(ChannelMixing):
     """A fixed channel permutation, `reverse` or `shuffle` (seeded); log|det| = 0, no parameters."""
@@ -117,6 +159,9 @@ class FixedPermutation(ChannelMixing):
 
     def logdet_per_pixel(self):
         return torch.zeros((), device=self.order.device)
+
+    def parameter_grads(self, grad_weight, grad_logdet_per_pixel):
+        return {}   # no parameters
 
     def forward(self, x):
         return x[:, self.order], x.new_zeros(x.shape[0])
