@@ -278,8 +278,12 @@ class _StepRun:
     def __init__(self, step: nn.Module, index: int, x: Tensor, context: Optional[Tensor], preserve_rng_state: bool,
                  notes: _StepNotes):
         self.step, self.index = step, index
-        self.params: List[Tensor] = list(step.parameters())
-        self.state = ForwardState(step, x.device, preserve_rng_state, per_call_rng=notes.draws_random is not False)
+        # One walk of the step's modules per forward gives both its parameters and the modules whose buffers to
+        # watch (Module.parameters() and .modules() walk them again each: ~20 generator walks a Glow step).
+        modules = list(step.modules())
+        self.params: List[Tensor] = _parameters_of(modules)
+        self.state = ForwardState(step, x.device, preserve_rng_state, per_call_rng=notes.draws_random is not False,
+                                  modules=modules)
         finder = None
         if notes.uses_unregistered is not False:
             finder = UnregisteredTensors([x] + ([context] if context is not None else []) + self.params)
@@ -304,6 +308,18 @@ class _StepRun:
         if context is None:
             return step.inverse_vjp(y, grad_y, grad_logdet)
         return step.inverse_vjp(y, grad_y, grad_logdet, context)
+
+
+def _parameters_of(modules: List[nn.Module]) -> List[Tensor]:
+    """What Module.parameters() yields for the module whose .modules() are `modules`: each parameter once, in
+    that order."""
+    seen, params = set(), []
+    for module in modules:
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
 
 
 class _BackwardRelay:
