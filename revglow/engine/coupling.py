@@ -24,7 +24,7 @@ float32 accuracy. Keep the stack's input float32 under autocast (a bfloat16 inpu
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ from revglow.ops.dispatch import resolve_backend
 __all__ = ["AdditiveCoupling", "AffineCoupling", "TwoNetworkCoupling", "float32_flow"]
 
 _KERNEL_CHOICES = ("auto", "torch", "triton")
+# What a network's vector-Jacobian product gives: dL/d(its input), dL/d(the context) or None, {parameter: gradient}
+NetworkGrads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
 _NOTHING_TO_TURN_OFF = contextlib.nullcontext()
 _DIM_NAMES = {2: ("N", "C"), 3: ("N", "T", "D"), 4: ("N", "C", "H", "W"), 5: ("N", "C", "D", "H", "W")}
 
@@ -177,26 +179,39 @@ class _OneNetworkCoupling(InvertibleModule):
     def inverse(self, y: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         return self._couple(y, context, inverse=True)
 
+    def _network_with_vjp(self, xb: torch.Tensor, context: Optional[torch.Tensor], d: int, channels_a: int
+                          ) -> Tuple[torch.Tensor, Callable[[torch.Tensor], NetworkGrads]]:
+        """(net_out, vjp): the network's output on xb (and the context), and a function that takes dL/dnet_out,
+        once, and returns (dL/dxb, dL/dcontext or None, {parameter: gradient}). This one records the network's
+        graph and differentiates it with autograd; a subclass whose network has a cheaper exact backward
+        (Glow's Coupling) overrides it."""
+        xb = xb.detach().requires_grad_(True)
+        with torch.enable_grad():   # one backward through net_out, right below: the network may free as it goes
+            net_out = self._network_output(xb, context, d, channels_a, release=True)
+
+        def vjp(grad_net_out: torch.Tensor) -> NetworkGrads:
+            params = [p for p in self.net.parameters() if p.requires_grad]
+            wants_context = context is not None and context.requires_grad
+            inputs = [xb] + ([context] if wants_context else []) + params
+            grads = list(torch.autograd.grad(net_out, inputs, grad_net_out.to(net_out.dtype), allow_unused=True))
+            grad_xb = grads.pop(0)
+            grad_context = grads.pop(0) if wants_context else None
+            return grad_xb, grad_context, {p: g for p, g in zip(params, grads) if g is not None}
+
+        return net_out, vjp
+
     def inverse_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
                     context: Optional[torch.Tensor] = None) -> InverseVJPResult:
         # The network output used to invert the step is the one differentiated through: the network runs once.
         d, b, c = _layout(type(self).__name__, y, self.split, self.dim)
-        xb = y.narrow(d, 0, b).detach().requires_grad_(True)
-        with torch.enable_grad():   # one backward through net_out, right below: the network may free as it goes
-            net_out = self._network_output(xb, context, d, c - b, release=True)
+        net_out, network_vjp = self._network_with_vjp(y.narrow(d, 0, b), context, d, c - b)
         with float32_flow(y), torch.no_grad():   # closed-form math: nothing to record
             x, grad_x, grad_net_out = ops.couple_reversible_backward(
                 y, net_out.detach(), grad_y, grad_logdet, b, self.kind, self._backend(y, d), compile=self.compile,
                 dim=d)
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        wants_context = context is not None and context.requires_grad
-        inputs = [xb] + ([context] if wants_context else []) + params
-        grads = list(torch.autograd.grad(net_out, inputs, grad_net_out.to(net_out.dtype), allow_unused=True))
-        grad_xb = grads.pop(0)
-        grad_context = grads.pop(0) if wants_context else None
+        grad_xb, grad_context, param_grads = network_vjp(grad_net_out)
         if grad_xb is not None:
             grad_x.narrow(d, 0, b).add_(grad_xb.to(grad_x.dtype))
-        param_grads = {p: g for p, g in zip(params, grads) if g is not None}
         if context is None:
             return x, grad_x, param_grads
         return x, grad_x, param_grads, grad_context
