@@ -157,7 +157,13 @@ def _peak_of_training_step(seq, x, autocast_dtype=None):
     return tracker.peak
 
 
-def test_reversible_step_keeps_at_most_two_wide_tensors_and_a_mask():
+def test_reversible_step_keeps_at_most_two_wide_tensors_and_a_mask(monkeypatch):
+    # The op writes a ReLU gradient over its output a piece at a time only for hidden tensors of 4 MiB and more
+    # (below, one piece costs fewer calls and a 1 MiB transient does not matter; the size rule has its own test in
+    # tests/ops/test_coupling_network_pieces.py). Here the pieces are made small, so that this step, small enough
+    # for the suite, runs the piecewise path that the 256x256 model's 32 MiB hidden tensors take.
+    from revglow.ops import coupling_network as network_op
+    monkeypatch.setattr(network_op, "_PIECE_BYTES", 64 * 1024)
     channels, hidden, n, h, w = 4, 128, 2, 32, 32
     seq = _sequence("reversible", True, channels=channels, hidden=hidden, depth=3, dtype=torch.float32)
     x = torch.randn(n, channels, h, w)
