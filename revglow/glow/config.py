@@ -9,15 +9,17 @@ from typing import Optional, Tuple
 from revglow.config_fields import check_bools, check_choices, check_int, check_known_fields, option
 from revglow.engine.options import MEMORY_MODES, RECONSTRUCTION_CHECKS
 from revglow.errors import ConfigError, ConfigTypeError
+from revglow.ops.coupling_network import MEMORY_FORMATS
 
-__all__ = ["GlowConfig", "COUPLINGS", "PERMUTATIONS", "KERNEL_BACKENDS", "RUNTIME_OPTIONS", "check_logscale_factor"]
+__all__ = ["GlowConfig", "COUPLINGS", "PERMUTATIONS", "KERNEL_BACKENDS", "MEMORY_FORMATS", "RUNTIME_OPTIONS",
+           "check_logscale_factor"]
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv_lu", "invconv", "shuffle", "reverse")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 # The fields that say how the model runs, not what it computes: a state dict loads across them, and they may
 # change on --resume.
-RUNTIME_OPTIONS = ("memory", "kernels", "compile", "check_reconstruction", "reconstruction_tol")
+RUNTIME_OPTIONS = ("memory", "kernels", "memory_format", "compile", "check_reconstruction", "reconstruction_tol")
 
 
 def check_logscale_factor(name: str, value, allow_none: bool) -> Optional[float]:
@@ -84,6 +86,10 @@ class GlowConfig:
     memory: str = option("reversible", "how training keeps activations: reversible (constant in depth), checkpoint "
                          "or autograd", MEMORY_MODES)
     kernels: str = option("auto", "fused Triton kernels on CUDA (auto), or force torch/triton", KERNEL_BACKENDS)
+    memory_format: str = option("auto", "layout of the coupling networks' convolutions and of what they keep for "
+                                "backward (the flow stays NCHW): channels_last, contiguous, or auto (channels_last "
+                                "on CUDA; on the CPU where the hidden tensors are large against the weights)",
+                                MEMORY_FORMATS)
     compile: bool = option(False, "torch.compile the work inside each flow step (pays on long runs: the first step "
                            "compiles; the engine stays eager)")
     # Reconstruction check of the reversible engine: each sequence compares a fingerprint of every sample of its

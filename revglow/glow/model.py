@@ -54,7 +54,8 @@ def _build_levels(config: GlowConfig) -> Tuple[List[ReversibleSequence], List[Sp
                                   context_channels=config.context_channels, compile=config.compile,
                                   nn_actnorm=config.nn_actnorm, edge_padding=config.edge_padding,
                                   zero_logscale_factor=config.zero_logscale_factor,
-                                  actnorm_logscale_factor=config.actnorm_logscale_factor))
+                                  actnorm_logscale_factor=config.actnorm_logscale_factor,
+                                  memory_format=config.memory_format))
             seed += 1
         flows.append(ReversibleSequence(steps, config.memory, config.check_reconstruction, config.reconstruction_tol))
         if level < config.levels - 1:

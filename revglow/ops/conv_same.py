@@ -17,6 +17,10 @@ Backward (stride 1), with g = dL/dout and the same two forms:
 caller that has already freed x needs). Each input channel's gradient reads only its own slice of w, so
 `conv2d_same_input_grad` computes dL/dx for a slice of the input channels, or of the batch, at a time (what a
 caller that writes the gradient into storage it frees piece by piece needs).
+
+Every function takes NCHW tensors stored either way, plain (contiguous) or channels_last ([N, H, W, C] in memory,
+torch.channels_last), and answers in the layout it was given. In channels_last a 1x1 convolution is one matrix
+product over the pixels, [N * H * W, C] @ [C, O], and so are its gradients (`_pixels` views the tensor so).
 """
 from __future__ import annotations
 
@@ -26,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["add_edge_padding", "border_indicator", "conv1x1", "conv2d_same", "conv2d_same_backward",
-           "conv2d_same_input_grad"]
+           "conv2d_same_input_grad", "stored_channels_last"]
+
+CHANNELS_LAST = torch.channels_last
+
+
+def stored_channels_last(t: torch.Tensor) -> bool:
+    """Whether the 4-d t is channels_last and not also plain contiguous (a tensor with one channel or one pixel per
+    sample is both; such a tensor takes the plain paths, which read the same memory)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=CHANNELS_LAST)
 
 
 def border_indicator(height: int, width: int, pad: int, like: torch.Tensor) -> torch.Tensor:
@@ -37,8 +49,12 @@ def border_indicator(height: int, width: int, pad: int, like: torch.Tensor) -> t
 def add_edge_padding(x: torch.Tensor, pad: int) -> torch.Tensor:
     """x [N, C, H, W] zero-padded by `pad` on each side, with one more channel that is 1 on the padded border and 0
     inside: [N, C + 1, H + 2 pad, W + 2 pad]."""
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     border = border_indicator(h, w, pad, x)
+    if stored_channels_last(x):   # cat would answer in NCHW; a pad of the channels too keeps channels_last
+        padded = F.pad(x, (pad, pad, pad, pad, 0, 1))
+        padded[:, c:] = border
+        return padded
     return torch.cat([F.pad(x, (pad, pad, pad, pad)), border.expand(n, -1, -1, -1)], dim=1)
 
 
@@ -71,11 +87,23 @@ def _batched(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1], -1)
 
 
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] stored channels_last as [N * H * W, C], a view."""
+    return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
+
+
+def _from_pixels(m: torch.Tensor, shape) -> torch.Tensor:
+    """`_pixels`' inverse: [N * H * W, C] (contiguous) as the channels_last [N, C, H, W] of `shape`, a view."""
+    n, c, h, w = shape
+    return m.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.conv2d(x, weight, bias) for a 1x1 kernel: per sample a matrix product, computed as one (baddbmm, the
     weight broadcast over the batch). On the CPU that runs 1.4-2x faster than the convolution with 2 threads,
     from 4x4 at batch 16 to 128x128 at width 512 (benchmarks/test_ops.py, coupling_network-*), and so do the
-    gradients `conv2d_same_backward` computes for a 1x1 kernel. A strided x takes F.conv2d.
+    gradients `conv2d_same_backward` computes for a 1x1 kernel. A channels_last x is one matrix product over its
+    pixels (addmm), the output channels_last too. A strided x takes F.conv2d.
 
     Example:
         >>> x, w, b = torch.randn(2, 3, 4, 5), torch.randn(6, 3, 1, 1), torch.randn(6)
@@ -84,6 +112,10 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     """
     if weight.shape[-2:] != (1, 1):
         raise ValueError(f"conv1x1: a 1x1 kernel expected; got {tuple(weight.shape[-2:])}")
+    if stored_channels_last(x):
+        matrix = weight.flatten(1).t()
+        out = _pixels(x) @ matrix if bias is None else torch.addmm(bias, _pixels(x), matrix)
+        return _from_pixels(out, (x.shape[0], weight.shape[0], *x.shape[2:]))
     if not x.is_contiguous() or x.dim() != 4:
         return F.conv2d(x, weight, bias)
     n, _, h, w = x.shape
@@ -103,12 +135,14 @@ def conv2d_same_input_grad(grad: torch.Tensor, x: Union[torch.Tensor, torch.Size
     x's): conv_transpose(grad, weight[:, channels]) with zero padding k // 2, in both edge-padding forms (the
     border channel, weight[:, C:], has no input gradient). A slice of the batch: pass grad[n0:n1].
 
-    `x` stands for the input with the shape of the slice asked for; its values are never read. A contiguous
-    tensor is used as it is (the input itself, or any storage of that size); given a shape or a strided view,
-    an uninitialized tensor stands in. (torch.nn.grad.conv2d_input's stand-in, an expanded scalar, is copied to
-    full size on the CPU: a wide transient and a third of the call's time. conv_transpose2d needs none but picks
-    its CPU backend by other rules than the convolution's, and its fallback is several times slower at small
-    batches.) A 1x1 kernel's input gradient is a matrix product (see conv1x1), which needs no stand-in.
+    `x` stands for the input with the shape of the slice asked for; its values are never read. A tensor stored
+    as grad is (contiguous, or channels_last) is used as it is (the input itself, or any storage of that size);
+    given a shape or another view, an uninitialized tensor in grad's layout stands in (the convolution's layout
+    follows its input's, and grad's would otherwise be copied to it). (torch.nn.grad.conv2d_input's stand-in, an
+    expanded scalar, is copied to full size on the CPU: a wide transient and a third of the call's time.
+    conv_transpose2d needs none but picks its CPU backend by other rules than the convolution's, and its fallback
+    is several times slower at small batches.) A 1x1 kernel's input gradient is a matrix product (see conv1x1),
+    which needs no stand-in.
 
     Example:
         >>> x, w = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(3, 5, 3, 3)
@@ -126,8 +160,11 @@ def conv2d_same_input_grad(grad: torch.Tensor, x: Union[torch.Tensor, torch.Size
         # a 1x1 convolution's is a matrix product per sample: one bmm, the weight broadcast over the batch (not
         # torch.matmul, which may fold the batch into a transposed copy of grad)
         return torch.bmm(weight.flatten(1).t().expand(shape[0], -1, -1), _batched(grad)).view(shape)
-    if not isinstance(x, torch.Tensor) or not x.is_contiguous():
-        x = grad.new_empty(shape)
+    layout = CHANNELS_LAST if stored_channels_last(grad) else torch.contiguous_format
+    if weight.shape[-1] == 1 and layout is CHANNELS_LAST:   # [N * H * W, O] @ [O, C]
+        return _from_pixels(_pixels(grad) @ weight.flatten(1), shape)
+    if not isinstance(x, torch.Tensor) or not x.is_contiguous(memory_format=layout):
+        x = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
     return _conv_backward(grad, x, weight, weight.shape[-1] // 2, True, False)[0]
 
 
@@ -143,6 +180,9 @@ def conv2d_same_backward(grad: torch.Tensor, x: Union[torch.Tensor, torch.Size],
     pad = weight.shape[-1] // 2
     if pad == 0 and grad.is_contiguous() and x.is_contiguous():   # 1x1: matrix products, as in conv1x1
         grad_w = torch.bmm(_batched(grad), _batched(x).transpose(1, 2)).sum(0).view(weight.shape)
+        return (conv2d_same_input_grad(grad, x, weight) if input_grad else None), grad_w
+    if pad == 0 and stored_channels_last(grad) and stored_channels_last(x):   # [O, N * H * W] @ [N * H * W, C]
+        grad_w = (_pixels(grad).t() @ _pixels(x)).view(weight.shape)
         return (conv2d_same_input_grad(grad, x, weight) if input_grad else None), grad_w
     if pad == 0 or not edge_padding:
         return _conv_backward(grad, x, weight, pad, input_grad, True)

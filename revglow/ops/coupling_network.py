@@ -37,6 +37,12 @@ output right away (the reversible engine's recomputation); otherwise the Functio
 never writes them. A second backward (retain_graph) after a release recomputes what the first one overwrote, and a
 double backward (create_graph) differentiates the reference instead.
 
+The wide tensors may be stored channels_last (`memory_format`, `resolve_memory_format`): the input is copied to
+channels_last (it is narrow: half the flow's channels), the convolutions and ReLUs then run in that layout, the 1x1
+layer and its gradients as plain matrix products over the pixels ([N * H * W, C] @ [C, O]), r1 and r2 are kept in
+it, and the output (narrow too) goes back to contiguous NCHW for the flow's elementwise ops. The numbers are the
+same; time and oneDNN's working buffers are not (see "auto" below).
+
 Under autocast the op keeps its memory saving in the autocast dtype: the weights are folded in float32, then the
 input and the folded weights are cast to that dtype and the three convolutions run there with autocast off (what
 autocast would run them in), so what the Function keeps for backward (x, r1, r2) is low precision too: half of
@@ -50,9 +56,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from revglow.ops.conv_same import conv1x1, conv2d_same, conv2d_same_backward, conv2d_same_input_grad
+from revglow.ops.conv_same import (conv1x1, conv2d_same, conv2d_same_backward, conv2d_same_input_grad,
+                                   stored_channels_last)
 
-__all__ = ["coupling_network", "coupling_network_reference", "fold_scale_shift"]
+__all__ = ["coupling_network", "coupling_network_reference", "fold_scale_shift", "MEMORY_FORMATS",
+           "resolve_memory_format"]
+
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 Tensor = torch.Tensor
 
@@ -92,10 +102,15 @@ def _hidden(x, w1, b1, w2, b2, edge_padding):
     return r1, r2
 
 
-def _forward(x, w1, b1, w2, b2, w3, b3, edge_padding):
-    r1, r2 = _hidden(x, w1, b1, w2, b2, edge_padding)
+def _in_layout(x: Tensor, layout: torch.memory_format) -> Tensor:
+    """x as the convolutions read it: as it is for plain NCHW (a strided view too), else a channels_last copy."""
+    return x if layout == torch.contiguous_format else x.contiguous(memory_format=layout)
+
+
+def _forward(x, w1, b1, w2, b2, w3, b3, edge_padding, layout):
+    r1, r2 = _hidden(_in_layout(x, layout), w1, b1, w2, b2, edge_padding)
     del r1
-    return conv2d_same(r2, w3, b3, edge_padding)
+    return conv2d_same(r2, w3, b3, edge_padding).contiguous()
 
 
 def _folded_reference(x, w1, b1, w2, b2, w3, b3, edge_padding):
@@ -122,6 +137,18 @@ def _pieces(hidden: Tensor) -> Tuple[int, int]:
     return dim, -(-hidden.shape[dim] // count)
 
 
+def _stand_in(hidden: Tensor, shape) -> Optional[Tensor]:
+    """hidden's first elements as a tensor of `shape` stored as hidden is (plain or channels_last), to stand for a
+    slice's input in `conv2d_same_input_grad` (never read); None for a hidden stored otherwise."""
+    count = torch.Size(shape).numel()
+    if hidden.is_contiguous():
+        return hidden.view(-1)[:count].view(shape)
+    if not stored_channels_last(hidden):
+        return None
+    n, c, h, w = shape
+    return hidden.permute(0, 2, 3, 1).view(-1)[:count].view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def _relu_input_grad(grad: Tensor, hidden: Tensor, weight: Tensor, owned: bool) -> Tensor:
     """dL/dpre for hidden = relu(pre) read by out = conv2d_same(hidden, weight, ...), given grad = dL/dout: the
     convolution's input gradient, zero where hidden <= 0 (threshold_backward, ReLU's own backward, in place).
@@ -138,23 +165,26 @@ def _relu_input_grad(grad: Tensor, hidden: Tensor, weight: Tensor, owned: bool) 
         part = hidden.narrow(dim, start, min(length, hidden.shape[dim] - start))
         if dim == 0:
             piece = conv2d_same_input_grad(grad.narrow(0, start, part.shape[0]), part, weight)
-        else:   # the input's stand-in: hidden's first elements, contiguous and of the slice's shape (never read)
-            stand_in = hidden.view(-1)[:part.numel()].view(part.shape) if hidden.is_contiguous() else part
-            piece = conv2d_same_input_grad(grad, stand_in, weight, slice(start, start + part.shape[1]))
+        else:   # the input's stand-in: storage of hidden's, of the slice's shape and hidden's layout (never read)
+            stand_in = _stand_in(hidden, part.shape)
+            piece = conv2d_same_input_grad(grad, part if stand_in is None else stand_in, weight,
+                                           slice(start, start + part.shape[1]))
         torch.ops.aten.threshold_backward.grad_input(piece, part, 0, grad_input=part)
         del piece
     return hidden
 
 
 class _CouplingNetworkFunction(torch.autograd.Function):
-    """Inputs (x, w1, b1, w2, b2, w3, b3, edge_padding, release), the weights folded (see the module docstring);
-    output the network's output."""
+    """Inputs (x, w1, b1, w2, b2, w3, b3, edge_padding, release, layout), the weights folded (see the module
+    docstring); output the network's output, contiguous NCHW. `layout` (torch.contiguous_format or
+    torch.channels_last): how the wide tensors are stored, what is kept of them for backward included; x is kept
+    as it came (narrow: its channels_last copy is made again in backward)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, edge_padding, release):
-        r1, r2 = _hidden(x, w1, b1, w2, b2, edge_padding)
-        out = conv2d_same(r2, w3, b3, edge_padding)
-        ctx.edge_padding = edge_padding
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, edge_padding, release, layout):
+        r1, r2 = _hidden(_in_layout(x, layout), w1, b1, w2, b2, edge_padding)
+        out = conv2d_same(r2, w3, b3, edge_padding).contiguous()   # narrow: the flow's ops expect NCHW
+        ctx.edge_padding, ctx.layout = edge_padding, layout
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
         ctx.hidden = None
         ctx.saves_hidden = not release
@@ -183,16 +213,18 @@ class _CouplingNetworkFunction(torch.autograd.Function):
             with torch.enable_grad():
                 out = _folded_reference(x, w1, b1, w2, b2, w3, b3, edge_padding)
             grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
-            return tuple(next(grads) if need else None for need in needs[:7]) + (None, None)
+            return tuple(next(grads) if need else None for need in needs[:7]) + (None, None, None)
 
+        r1 = r2 = None
         if ctx.saves_hidden:   # saved tensors: read, never written (a second backward reads them again)
             (r1, r2), owned = saved[7:], False
         elif ctx.hidden is not None:
             (r1, r2), ctx.hidden, owned = ctx.hidden, None, True
-        else:   # a second backward through the same graph (retain_graph): the first one overwrote them
+        x = _in_layout(x, ctx.layout)
+        if r1 is None:   # a second backward through the same graph (retain_graph): the first one overwrote them
             with torch.no_grad():
                 (r1, r2), owned = _hidden(x, w1, b1, w2, b2, edge_padding), True
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.contiguous(memory_format=ctx.layout)
 
         # last layer: weight gradient from r2; then dL/d(conv_hidden output), written over r2 when it is ours
         _, grad_w3 = conv2d_same_backward(grad_out, r2, w3, edge_padding, input_grad=False, weight_grad=needs[5])
@@ -209,7 +241,38 @@ class _CouplingNetworkFunction(torch.autograd.Function):
         grad_b1 = grad_r1.sum((0, 2, 3)) if needs[2] else None
         grad_x, grad_w1 = conv2d_same_backward(grad_r1, x, w1, edge_padding, input_grad=needs[0],
                                                weight_grad=needs[1])
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, None, None
+        if grad_x is not None and ctx.layout != torch.contiguous_format:
+            grad_x = grad_x.contiguous()   # narrow, and back to the flow's NCHW
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, None, None, None
+
+
+# What "auto" picks, from measurements on the CPU (2 shared cores, torch 2.13 with oneDNN; the op's forward +
+# backward with release=True, channels_last / contiguous time per interleaved round, medians and ranges over 15-31
+# rounds, 1 and 2 threads; /tmp scripts, then benchmarks/memory_format.py). channels_last wins where the hidden
+# tensors are large against the 3x3 weights: 0.74-0.84 at 128x128 (6 -> 512 -> 12, batch 1), 0.73-0.97 at 8x8 to
+# 32x32 (6 -> 128 -> 12, batch 16), 0.85-0.94 at 64x64 (24 -> 512 -> 48), 0.91-0.99 at 32x32 (96 -> 512 -> 192:
+# hidden tensor 0.4 of the weights); about even at 0.2-0.4 (0.98-1.03); it loses where the weights dominate:
+# 1.04-1.16 at 8x8 and 16x16 with 24 to 192 channels in (0.05-0.2), 1.2-1.5 at the 256x256 model's deepest levels
+# (16x16 to 4x4, 384 to 1536 channels in, one thread). Why: in channels_last oneDNN takes the weight in channels_last
+# too, so each call reorders the folded 3x3 weights and their gradients (three weight-sized copies per call in the
+# profile), a cost in the weights' size against a gain in the activations'. Hence channels_last where the hidden
+# tensor holds at least a quarter as many elements as the two 3x3 weights together: in the 256x256 model (width
+# 512, batch 1) its first three levels, 128x128 to 32x32, where the step's peak is; in the 32x32 model (width 128,
+# batch 16) its first two. On CUDA channels_last throughout (cuDNN's preferred layout; not measured here: no GPU).
+_AUTO_HIDDEN_OVER_WEIGHTS = 0.25
+
+
+def resolve_memory_format(choice: str, x: Tensor, w_in: Tensor, w_out: Tensor) -> torch.memory_format:
+    """The layout the network's convolutions run in for an input x [N, C, H, W] and the 3x3 weights w_in
+    [hidden, C (+ 1), 3, 3] and w_out: "contiguous" (plain NCHW), "channels_last", or "auto": channels_last on
+    CUDA, and on the CPU where the hidden tensor is large against the weights (see above). Both are exact."""
+    if choice not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format={choice!r} is not a known option; choose one of {MEMORY_FORMATS}")
+    if choice == "auto":
+        n, _, h, w = x.shape
+        large = n * h * w * w_in.shape[0] >= _AUTO_HIDDEN_OVER_WEIGHTS * (w_in.numel() + w_out.numel())
+        choice = "channels_last" if x.device.type == "cuda" or large else "contiguous"
+    return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
@@ -221,25 +284,29 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 
 
 def coupling_network(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out,
-                     edge_padding, release: bool = False):
+                     edge_padding, release: bool = False, memory_format: str = "auto"):
     """`coupling_network_reference`'s map, through the memory-lean Function (see the module docstring); same
     arguments. `release=True`: the caller runs exactly one backward through the output, right away (the wide
     intermediates are then freed as that backward uses them, and bypass saved-tensor hooks). Under autocast the
-    convolutions run in the autocast dtype, and so does what is kept for backward; the output is in that dtype."""
+    convolutions run in the autocast dtype, and so does what is kept for backward; the output is in that dtype.
+    `memory_format` (MEMORY_FORMATS, see `resolve_memory_format`): how the convolutions store the wide tensors;
+    x and the output are NCHW either way."""
     w1, b1 = fold_scale_shift(w_in, b_in, s_in, t_in)
     w2, b2 = fold_scale_shift(w_hidden, b_hidden, s_hidden, t_hidden)
     w3, b3 = fold_scale_shift(w_out, b_out, s_out, None)
     tensors = (x, w1, b1, w2, b2, w3, b3)
+    layout = resolve_memory_format(memory_format, x, w_in, w_out)
     low = _autocast_dtype(x)
     if low is None:
-        return _lean(tensors, edge_padding, release)
+        return _lean(tensors, edge_padding, release, layout)
     tensors = tuple(None if t is None else t.to(low) for t in tensors)   # differentiable casts
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _lean(tensors, edge_padding, release)
+        return _lean(tensors, edge_padding, release, layout)
 
 
-def _lean(tensors: Tuple[Optional[Tensor], ...], edge_padding: bool, release: bool) -> Tensor:
+def _lean(tensors: Tuple[Optional[Tensor], ...], edge_padding: bool, release: bool,
+          layout: torch.memory_format) -> Tensor:
     """(x, w1, b1, w2, b2, w3, b3) through the lean Function, or its plain forward when no graph is needed."""
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        return _forward(*tensors, edge_padding)
-    return _CouplingNetworkFunction.apply(*tensors, bool(edge_padding), bool(release))
+        return _forward(*tensors, edge_padding, layout)
+    return _CouplingNetworkFunction.apply(*tensors, bool(edge_padding), bool(release), layout)

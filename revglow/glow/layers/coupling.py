@@ -31,13 +31,19 @@ class CouplingNetwork(nn.Module):
 
     Once its ActNorms are initialized, the forward runs as one op (revglow.ops.coupling_network: the same map,
     differentiated keeping about a third of the memory of plain autograd) unless a submodule has hooks or was
-    replaced; `compile` runs the pure function `coupling_network` under torch.compile instead.
+    replaced; `compile` runs the pure function `coupling_network` under torch.compile instead. `memory_format`
+    ("auto" | "channels_last" | "contiguous", revglow.ops.coupling_network.MEMORY_FORMATS) is the layout that op
+    stores its wide tensors in; the input and output stay NCHW, and the parameters are the same either way.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int, actnorm: bool = False,
                  edge_padding: bool = False, zero_logscale_factor: Optional[float] = None,
-                 actnorm_logscale_factor: float = 1.0):
+                 actnorm_logscale_factor: float = 1.0, memory_format: str = "auto"):
         super().__init__()
+        if memory_format not in network_op.MEMORY_FORMATS:
+            raise ValueError(f"memory_format={memory_format!r} is not a known option; choose one of "
+                             f"{network_op.MEMORY_FORMATS}")
+        self.memory_format = memory_format
         self.edge_padding = bool(edge_padding)
         self.conv_in = Conv2dSame(in_channels, hidden, 3, bias=not actnorm, edge_padding=edge_padding)
         self.norm_in = ActNorm(hidden, logscale_factor=actnorm_logscale_factor) if actnorm else None
@@ -65,7 +71,7 @@ class CouplingNetwork(nn.Module):
         if compile and all(m.is_initialized for m in norms):   # the data-dependent init runs eagerly
             return compiled(coupling_network)(x, *self.weights())
         if self._runs_as_one_op(norms):
-            return network_op.coupling_network(x, *self.weights(), release=release)
+            return network_op.coupling_network(x, *self.weights(), release=release, memory_format=self.memory_format)
         # through the submodules: the data-dependent init, and hooks on them or submodules a user swapped in
         h = self.conv_in(x)
         if self.norm_in is not None:
@@ -92,13 +98,13 @@ class Coupling(_OneNetworkCoupling):
     half: h = NN(cat(xb, context)); forward/inverse/inverse_vjp then take the context as their last argument.
     `kernels` ("auto" | "torch" | "triton") picks the implementation of the elementwise part (revglow.ops).
     `nn_actnorm`, `edge_padding`, `zero_logscale_factor`, `actnorm_logscale_factor`: the reference network's
-    options (see CouplingNetwork).
+    options; `memory_format`: the layout its convolutions run in (see CouplingNetwork).
     """
 
     def __init__(self, channels: int, hidden: int, kind: str = "affine", kernels: str = "auto",
                  context_channels: int = 0, compile: bool = False, nn_actnorm: bool = False,
                  edge_padding: bool = False, zero_logscale_factor: Optional[float] = None,
-                 actnorm_logscale_factor: float = 1.0):
+                 actnorm_logscale_factor: float = 1.0, memory_format: str = "auto"):
         if channels < 2:
             raise ValueError(f"a coupling layer needs at least 2 channels; got {channels}")
         if kind not in ("affine", "additive"):
@@ -108,7 +114,7 @@ class Coupling(_OneNetworkCoupling):
         net = CouplingNetwork(channels_b + context_channels, 2 * channels_a if kind == "affine" else channels_a,
                               hidden, actnorm=nn_actnorm, edge_padding=edge_padding,
                               zero_logscale_factor=zero_logscale_factor,
-                              actnorm_logscale_factor=actnorm_logscale_factor)
+                              actnorm_logscale_factor=actnorm_logscale_factor, memory_format=memory_format)
         super().__init__(net, split=channels_b, kernels=kernels)
         self.kind = kind
         self.channels_b, self.channels_a = channels_b, channels_a

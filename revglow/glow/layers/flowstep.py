@@ -41,7 +41,7 @@ class FlowStep(InvertibleModule):
     def __init__(self, channels: int, hidden: int, coupling: str = "affine", permutation: str = "invconv_lu",
                  kernels: str = "auto", seed: int = 0, context_channels: int = 0, compile: bool = False,
                  nn_actnorm: bool = False, edge_padding: bool = False, zero_logscale_factor: Optional[float] = None,
-                 actnorm_logscale_factor: float = 1.0):
+                 actnorm_logscale_factor: float = 1.0, memory_format: str = "auto"):
         super().__init__()
         self.kernels = kernels
         self.compile = compile   # torch.compile the work of the step (revglow.ops.compiled)
@@ -49,7 +49,7 @@ class FlowStep(InvertibleModule):
         self.mixing = make_channel_mixing(permutation, channels, seed)
         self.coupling = Coupling(channels, hidden, coupling, kernels, context_channels, compile, nn_actnorm=nn_actnorm,
                                  edge_padding=edge_padding, zero_logscale_factor=zero_logscale_factor,
-                                 actnorm_logscale_factor=actnorm_logscale_factor)
+                                 actnorm_logscale_factor=actnorm_logscale_factor, memory_format=memory_format)
 
     def _scale_bias_weight(self, x):
         return (self.actnorm.scale().to(x.dtype), self.actnorm.bias.to(x.dtype),
