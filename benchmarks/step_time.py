@@ -16,6 +16,11 @@ dequantized batch and the backward of the mean negative log-likelihood, timed li
 run in a subprocess that imports revglow from PATH, alternating with this run's contenders step by step (one
 process waits while the other computes); its rows carry `contender: baseline` and its revision.
 
+Beside the steps, `networks-forward` times every coupling network's forward alone (no graph, on the inputs a
+forward of the model gives them): the reversible backward computes it once more than autograd does, so its share
+of the autograd step is about the least reversible / autograd can be (less what the reversible forward saves by
+recording no graph); the script prints it.
+
 Targets on the default problem: autograd / peer <= 1.00, reversible / peer <= 1.25, reversible / autograd <= 1.15,
 reversible / checkpoint <= 0.95.
 
@@ -32,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 import types
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -44,6 +50,8 @@ from common import add_problem_flags, append_rows, environment, random_images, t
 MODES = ("autograd", "checkpoint", "reversible")
 # The reversible mode once more without the reconstruction check and RNG replay: the price of both, side by side.
 BARE = "reversible-bare"
+# Every coupling network's forward, no graph: what the reversible backward recomputes (not a training step).
+NETWORKS_FORWARD = "networks-forward"
 PEER = "peer"
 BASELINE = "baseline:"    # prefix of the earlier revision's contenders
 NETWORKS = {"plain": dict(nn_actnorm=False, edge_padding=False), "reference": {}}
@@ -187,6 +195,39 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def networks_forward(model, x, device: torch.device) -> Callable[[], float]:
+    """Seconds of every coupling network's forward alone (no graph), on the inputs they see in a forward of the
+    model: what the reversible backward computes once more than autograd does, the floor of its extra cost."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from revglow.glow.layers.coupling import CouplingNetwork
+
+    inputs = []
+
+    def keep(module, args):
+        if type(module) is CouplingNetwork:
+            inputs.append((module, args[0].detach().clone()))
+
+    handle = register_module_forward_pre_hook(keep)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for net, h in inputs:
+                net(h)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    return run
+
+
 def contenders(args: argparse.Namespace, device: torch.device
                ) -> Tuple[Dict[str, Callable[[], float]], Optional["BaselineCheckout"]]:
     """name -> a callable timing one training step; and the baseline process, if any (to close)."""
@@ -198,6 +239,7 @@ def contenders(args: argparse.Namespace, device: torch.device
             state = model.state_dict()
         model.load_state_dict(state)
         steps[mode] = (lambda m, xb: lambda: timed_training_step(m, xb, device))(model, x)
+    steps[NETWORKS_FORWARD] = networks_forward(*revglow_model(args, "reversible", device), device)
     if args.peer:
         steps[PEER] = peer_step(args, device)
     baseline = None
@@ -233,6 +275,10 @@ def report(args: argparse.Namespace, times: Dict[str, List[float]], baseline: Op
     for m, v in times.items():
         print(f"{m:>20} {med[m] * 1e3:10.1f} {min(v) * 1e3:8.1f} {max(v) * 1e3:8.1f}")
     print(f"reversible / reversible without check and RNG replay: {med['reversible'] / med[BARE]:.3f}")
+    extra = med[NETWORKS_FORWARD] / med["autograd"]
+    print(f"the coupling networks' forward alone / autograd step: {extra:.3f} (the reversible backward runs it once "
+          f"more: reversible / autograd cannot go much below {1 + extra:.2f}, less what its graph-free forward "
+          f"saves)")
     for a, b, bound in TARGETS:
         if a in med and b in med:
             ratio = med[a] / med[b]
@@ -252,6 +298,8 @@ def report(args: argparse.Namespace, times: Dict[str, List[float]], baseline: Op
                "levels": args.levels, "depth": args.depth, "hidden": args.hidden, "batch": args.batch_size,
                "network": args.network, "rounds": args.rounds,
                "contender": "peer" if m == PEER else "baseline" if m.startswith(BASELINE) else "revglow"}
+        if m == NETWORKS_FORWARD:
+            row.update(mode="none", part="coupling networks' forward")
         if m == PEER:
             row.update(mode="autograd", peer=os.path.basename(args.peer))
         if m.startswith(BASELINE):

@@ -38,9 +38,14 @@ def test_step_time_script(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reversible / autograd" in out and "reversible / checkpoint" in out
     rows = _rows(results)
-    assert sorted(r["mode"] for r in rows) == ["autograd", "checkpoint", "reversible", "reversible-bare"]
+    steps = [r for r in rows if r.get("part") is None]
+    assert sorted(r["mode"] for r in steps) == ["autograd", "checkpoint", "reversible", "reversible-bare"]
     assert all(r["contender"] == "revglow" and r["network"] == "plain" for r in rows)
     assert "reversible / reversible without check and RNG replay" in out
+    # the floor of the reversible step's extra cost: every coupling network's forward once more
+    networks, = [r for r in rows if r.get("part") == "coupling networks' forward"]
+    assert 0 < networks["median_s"] < min(r["median_s"] for r in steps)
+    assert "the coupling networks' forward alone / autograd step" in out
     assert all(r["median_s"] > 0 and r["git"] and r["torch"] for r in rows)
 
 
