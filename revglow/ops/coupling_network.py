@@ -51,7 +51,7 @@ gradients of x and of the float32 weights back to float32.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,35 @@ def _relu_input_grad(grad: Tensor, hidden: Tensor, weight: Tensor, owned: bool) 
     return hidden
 
 
+def backward_from_hidden(grad_out: Tensor, x: Tensor, weights: Tuple[Optional[Tensor], ...], r1: Tensor, r2: Tensor,
+                         owned: bool, needs: Sequence[bool], edge_padding: bool, layout: torch.memory_format
+                         ) -> Tuple[Optional[Tensor], ...]:
+    """(dL/dx, dL/dw1, dL/db1, dL/dw2, dL/db2, dL/dw3, dL/db3) of the folded network from dL/dout, its input x (in
+    `layout`) and its ReLU outputs r1, r2 (see the module docstring); `needs[i]`: whether the i-th of those is
+    wanted (None where not). `owned`: r1 and r2 are no longer needed, and the gradients are written over them."""
+    w1, b1, w2, b2, w3, b3 = weights
+    grad_out = grad_out.contiguous(memory_format=layout)
+
+    # last layer: weight gradient from r2; then dL/d(conv_hidden output), written over r2 when it is ours
+    _, grad_w3 = conv2d_same_backward(grad_out, r2, w3, edge_padding, input_grad=False, weight_grad=needs[5])
+    grad_b3 = grad_out.sum((0, 2, 3)) if needs[6] else None
+    grad = _relu_input_grad(grad_out, r2, w3, owned)
+    del r2
+    # hidden 1x1 layer: weight gradient from r1; then dL/d(conv_in output), written over r1 when it is ours
+    grad_w2 = conv2d_same_backward(grad, r1, w2, False, input_grad=False, weight_grad=True)[1] if needs[3] \
+        else None
+    grad_b2 = grad.sum((0, 2, 3)) if needs[4] else None
+    grad_r1 = _relu_input_grad(grad, r1, w2, owned)
+    del grad, r1
+    # first layer
+    grad_b1 = grad_r1.sum((0, 2, 3)) if needs[2] else None
+    grad_x, grad_w1 = conv2d_same_backward(grad_r1, x, w1, edge_padding, input_grad=needs[0],
+                                           weight_grad=needs[1])
+    if grad_x is not None and layout != torch.contiguous_format:
+        grad_x = grad_x.contiguous()   # narrow, and back to the flow's NCHW
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3
+
+
 class _CouplingNetworkFunction(torch.autograd.Function):
     """Inputs (x, w1, b1, w2, b2, w3, b3, edge_padding, release, layout), the weights folded (see the module
     docstring); output the network's output, contiguous NCHW. `layout` (torch.contiguous_format or
@@ -224,26 +253,9 @@ class _CouplingNetworkFunction(torch.autograd.Function):
         if r1 is None:   # a second backward through the same graph (retain_graph): the first one overwrote them
             with torch.no_grad():
                 (r1, r2), owned = _hidden(x, w1, b1, w2, b2, edge_padding), True
-        grad_out = grad_out.contiguous(memory_format=ctx.layout)
-
-        # last layer: weight gradient from r2; then dL/d(conv_hidden output), written over r2 when it is ours
-        _, grad_w3 = conv2d_same_backward(grad_out, r2, w3, edge_padding, input_grad=False, weight_grad=needs[5])
-        grad_b3 = grad_out.sum((0, 2, 3)) if needs[6] else None
-        grad = _relu_input_grad(grad_out, r2, w3, owned)
-        del r2
-        # hidden 1x1 layer: weight gradient from r1; then dL/d(conv_in output), written over r1 when it is ours
-        grad_w2 = conv2d_same_backward(grad, r1, w2, False, input_grad=False, weight_grad=True)[1] if needs[3] \
-            else None
-        grad_b2 = grad.sum((0, 2, 3)) if needs[4] else None
-        grad_r1 = _relu_input_grad(grad, r1, w2, owned)
-        del grad, r1
-        # first layer
-        grad_b1 = grad_r1.sum((0, 2, 3)) if needs[2] else None
-        grad_x, grad_w1 = conv2d_same_backward(grad_r1, x, w1, edge_padding, input_grad=needs[0],
-                                               weight_grad=needs[1])
-        if grad_x is not None and ctx.layout != torch.contiguous_format:
-            grad_x = grad_x.contiguous()   # narrow, and back to the flow's NCHW
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, None, None, None
+        grads = backward_from_hidden(grad_out, x, (w1, b1, w2, b2, w3, b3), r1, r2, owned, needs, edge_padding,
+                                     ctx.layout)
+        return grads + (None, None, None)
 
 
 # What "auto" picks, from measurements on the CPU (2 shared cores, torch 2.13 with oneDNN; the op's forward +

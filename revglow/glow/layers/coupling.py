@@ -13,6 +13,7 @@ from revglow.glow.layers.actnorm import ActNorm
 from revglow.glow.layers.conv import Conv2dSame, ZeroConv2d
 from revglow.ops import coupling_network as network_op
 from revglow.ops.compiled import compiled
+from revglow.ops.coupling_network_vjp import coupling_network_with_vjp
 from revglow.ops.coupling_network import coupling_network_reference as coupling_network   # the pure function
 
 __all__ = ["Coupling", "CouplingNetwork"]
@@ -81,6 +82,36 @@ class CouplingNetwork(nn.Module):
             h = self.norm_hidden(h)[0]
         return self.conv_out(F.relu(h))
 
+    def forward_with_vjp(self, x: torch.Tensor, compile: bool = False):
+        """(out, vjp) where the forward runs as one op (not compiled, not under autocast): the output, computed
+        without a graph, and vjp(dL/dout), to call once, giving (dL/dx, {parameter: gradient}) in closed form
+        (revglow.ops.coupling_network_vjp); else None, and the caller differentiates forward() with autograd."""
+        norms = [m for m in (self.norm_in, self.norm_hidden) if m is not None]
+        if compile or not self._runs_as_one_op(norms):
+            return None
+        found = coupling_network_with_vjp(x, *self.weights(), memory_format=self.memory_format)
+        if found is None:
+            return None
+        out, network_vjp = found
+
+        def vjp(grad_out: torch.Tensor):
+            grad_x, grads = network_vjp(grad_out)
+            gw_in, gb_in, gs_in, gt_in, gw_hidden, gb_hidden, gs_hidden, gt_hidden, gw_out, gb_out, gs_out = grads
+            pairs = [(self.conv_in.weight, gw_in), (self.conv_in.bias, gb_in), (self.conv_hidden.weight, gw_hidden),
+                     (self.conv_hidden.bias, gb_hidden), (self.conv_out.weight, gw_out), (self.conv_out.bias, gb_out)]
+            if gs_out is not None:   # output scale exp(f * logs)
+                with torch.no_grad():
+                    pairs.append((self.conv_out.logs,
+                                  gs_out * self.conv_out.output_scale() * self.conv_out.logscale_factor))
+            param_grads = {p: g.to(p.dtype) for p, g in pairs if p is not None and g is not None and p.requires_grad}
+            for norm, grad_scale, grad_shift in ((self.norm_in, gs_in, gt_in), (self.norm_hidden, gs_hidden,
+                                                                                  gt_hidden)):
+                if norm is not None:
+                    param_grads.update(norm.parameter_grads(grad_scale, grad_shift, grad_scale.new_zeros(())))
+            return grad_x, param_grads
+
+        return out, vjp
+
     def _runs_as_one_op(self, norms) -> bool:
         """Whether the forward may run as revglow.ops.coupling_network (the same map, computed with a fraction of
         the memory): the submodules are the ones built here, initialized, with no hooks of their own."""
@@ -126,6 +157,26 @@ class Coupling(_OneNetworkCoupling):
             raise ValueError(f"Coupling with context_channels={self.context_channels} was called "
                              f"{'without' if context is None else 'with'} a context")
         return self.net(_with_context(xb, context), compile=self.compile, release=release)
+
+    def _network_with_vjp(self, xb, context, d, channels_a):
+        # The network's own exact backward, without a nested autograd call (see CouplingNetwork.forward_with_vjp);
+        # the generic autograd path where it does not apply.
+        found = None
+        if (context is None) == (self.context_channels == 0):
+            found = self.net.forward_with_vjp(_with_context(xb, context).detach(), compile=self.compile)
+        if found is None:
+            return super()._network_with_vjp(xb, context, d, channels_a)
+        net_out, network_vjp = found
+        wants_context = context is not None and context.requires_grad
+
+        def vjp(grad_net_out):
+            grad_in, param_grads = network_vjp(grad_net_out.to(net_out.dtype))
+            grad_xb = grad_in.narrow(1, 0, xb.shape[1])
+            grad_context = grad_in.narrow(1, xb.shape[1], self.context_channels).to(context.dtype) \
+                if wants_context else None
+            return grad_xb, grad_context, param_grads
+
+        return net_out, vjp
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the network was named `net` hold it under `nn.`.
