@@ -9,7 +9,9 @@
 #       c. benchmarks/headline_256.py on the device: the tracker's count per mode (it should equal the CPU's) and
 #          one real reversible step (time, peak allocated);
 #       d. benchmarks/sweeps.py time: step time of reversible / checkpoint / segment / autograd, ratios;
-#       e. benchmarks/sweeps.py sample: sampling latency at batch 1, 64 to 256 pixels.
+#       e. benchmarks/step_time.py with --memory-format contiguous, then channels_last (what GlowConfig's "auto"
+#          picks on CUDA, unmeasured until this runs): each mode's step time;
+#       f. benchmarks/sweeps.py sample: sampling latency at batch 1, 64 to 256 pixels.
 #   bash benchmarks/gpu_checks.sh checks   # the older checks (longer; each step's timeout bounds it):
 #       1. the kernel, whole-model kernel and dispatch tests on CUDA (the same tests CI runs under the Triton
 #          interpreter), and the time of kernels="auto"'s self-check;
@@ -139,6 +141,11 @@ run_memory() {
   echo "== step time per mode (CUDA): reversible, checkpoint, segment (checkpoint_sequential), autograd"
   step 60 sweep_time "$py" benchmarks/sweeps.py time --device cuda --image-size 64 --values 8 32 --hidden 256 \
       --batch-size 32 --rounds 10 --results "$out/sweep_time.jsonl" --plot "$out/sweep_time.png"
+  echo "== memory_format on CUDA: step time of each mode, channels_last against contiguous (auto picks channels_last)"
+  for format in contiguous channels_last; do
+    step 30 "step_time_$format" "$py" benchmarks/step_time.py --device cuda --image-size 64 --hidden 256 \
+        --batch-size 32 --rounds 10 --memory-format "$format" --results "$out/step_time.jsonl"
+  done
   echo "== sampling latency at batch 1 (CUDA), CelebA-HQ architecture at 64, 128 and 256 pixels"
   step 45 sweep_sample "$py" benchmarks/sweeps.py sample --device cuda --rounds 5 \
       --results "$out/sweep_sample.jsonl" --plot "$out/sweep_sample.png"

@@ -71,6 +71,8 @@ def revglow_model(args: argparse.Namespace, mode: str, device: torch.device):
     wanted = dict(image_shape=(3, args.image_size, args.image_size), levels=args.levels, depth=args.depth,
                   hidden=args.hidden, memory=mode.replace("-bare", ""), kernels=args.kernels,
                   check_reconstruction="off" if mode == BARE else "warn", **NETWORKS[args.network])
+    if args.memory_format:
+        wanted["memory_format"] = args.memory_format
     torch.manual_seed(0)
     model = Glow(GlowConfig(**{k: v for k, v in wanted.items() if k in known})).to(device)
     x = random_images(args, device)
@@ -169,7 +171,8 @@ class BaselineCheckout:
 def _problem_argv(args: argparse.Namespace) -> List[str]:
     return ["--image-size", str(args.image_size), "--levels", str(args.levels), "--depth", str(args.depth),
             "--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--device", args.device,
-            "--kernels", args.kernels, "--network", args.network]
+            "--kernels", args.kernels, "--network", args.network] \
+        + (["--memory-format", args.memory_format] if args.memory_format else [])
 
 
 def _git_revision(path: str) -> str:
@@ -296,7 +299,7 @@ def report(args: argparse.Namespace, times: Dict[str, List[float]], baseline: Op
         row = {**env, "benchmark": "step_time", "mode": m.split(":")[-1], "median_s": med[m], "min_s": min(v),
                "max_s": max(v), "device": args.device, "kernels": args.kernels, "image_size": args.image_size,
                "levels": args.levels, "depth": args.depth, "hidden": args.hidden, "batch": args.batch_size,
-               "network": args.network, "rounds": args.rounds,
+               "network": args.network, "rounds": args.rounds, "memory_format": args.memory_format or "default",
                "contender": "peer" if m == PEER else "baseline" if m.startswith(BASELINE) else "revglow"}
         if m == NETWORKS_FORWARD:
             row.update(mode="none", part="coupling networks' forward")
@@ -316,6 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--network", choices=sorted(NETWORKS), default="plain",
                         help="the coupling network: plain (conv-ReLU-conv-ReLU-zero conv) or reference (GlowConfig's "
                              "defaults: ActNorm inside, edge padding)")
+    parser.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"),
+                        help="GlowConfig.memory_format of revglow's contenders (default: GlowConfig's)")
     parser.add_argument("--peer", help="rosinality/glow-pytorch's model.py, timed on the same problem")
     parser.add_argument("--baseline-checkout", help="a checkout of an earlier revision, timed side by side")
     parser.add_argument("--baseline-label", help="what the baseline's rows call it (default: its git commit)")

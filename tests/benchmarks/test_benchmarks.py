@@ -34,7 +34,8 @@ def _rows(path):
 def test_step_time_script(tmp_path, capsys):
     results = str(tmp_path / "step.jsonl")
     _load("step_time").main(["--image-size", "8", "--levels", "2", "--depth", "2", "--hidden", "8",
-                             "--batch-size", "2", "--rounds", "2", "--warmup", "1", "--results", results])
+                             "--batch-size", "2", "--rounds", "2", "--warmup", "1", "--results", results,
+                             "--memory-format", "channels_last"])
     out = capsys.readouterr().out
     assert "reversible / autograd" in out and "reversible / checkpoint" in out
     rows = _rows(results)
@@ -47,6 +48,7 @@ def test_step_time_script(tmp_path, capsys):
     assert 0 < networks["median_s"] < min(r["median_s"] for r in steps)
     assert "the coupling networks' forward alone / autograd step" in out
     assert all(r["median_s"] > 0 and r["git"] and r["torch"] for r in rows)
+    assert all(r["memory_format"] == "channels_last" for r in rows)
 
 
 _PEER = """

@@ -29,6 +29,8 @@ class FlowStep(InvertibleModule):
     step's spatial size: step(x, context), step.inverse(y, context). `nn_actnorm`, `edge_padding`,
     `zero_logscale_factor` shape the coupling network as the reference implementation does (see CouplingNetwork);
     `actnorm_logscale_factor` is the log-scale factor of every ActNorm of the step (revglow.glow.layers.actnorm.ActNorm).
+    `memory_format` ("auto" | "channels_last" | "contiguous") is the layout the coupling network's convolutions run
+    in (revglow.ops.coupling_network.resolve_memory_format); the step's input and output stay NCHW.
 
     Example:
         >>> step = FlowStep(4, hidden=8)
