@@ -9,7 +9,8 @@ identical weights in every engine and one training step (forward + backward of a
   AdditiveCoupling(split_dim=-1) in an InvertibleModuleWrapper.
 For each engine and D:
 - activation memory: peak resident memory of a fresh process during one step above what it held before
-  (the method of revglow.memory.fresh_process: glibc's mmap threshold pinned low, /proc/self/clear_refs);
+  (revglow.memory.device_meters.ResidentSet, the meter of revglow.memory.fresh_process: glibc's heap trimmed
+  and its mmap threshold pinned low, the kernel's peak counter reset);
 - step time: all engines interleaved round after round in one process, medians;
 - gradients: every engine's parameter gradients against plain autograd's, in float64 on a small problem.
 
@@ -40,6 +41,7 @@ from torch import nn  # noqa: E402
 
 from common import append_rows, environment  # noqa: E402
 from revglow import ReversibleSequence, TwoNetworkCoupling  # noqa: E402
+from revglow.memory.device_meters import ResidentSet  # noqa: E402
 
 ENGINES = ("autograd", "revlib", "memcnn", "revglow-generic", "revglow-generic-reuse", "revglow", "revglow-check-off",
            "revglow-checkpoint")
@@ -244,32 +246,21 @@ def check_gradients(engines, depth: int = 3, case: str = "conv") -> Dict[str, fl
 def _child(engine: str, depth: int, problem: Problem) -> None:
     """Measure one engine's activation memory in this (fresh) process and print it as JSON."""
     torch.set_num_threads(1)
-
-    def status(key):
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024.0
-        raise RuntimeError(key)
-
     model = build(engine, problem.networks(depth), problem.split_dim)
+    meter = ResidentSet()   # revglow.memory's resident-set meter: glibc's heap trimmed, the peak counter reset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.step(torch.randn(problem.shape(), requires_grad=True))   # warm-up: allocates every .grad
         x = torch.randn(problem.shape(), requires_grad=True)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        before = status("VmRSS")
-        model.step(x)
-        peak = status("VmHWM")
-    print(json.dumps({"activation_mib": peak - before}))
+        with meter:
+            model.step(x)
+    print(json.dumps({"activation_mib": meter.peak / 2 ** 20}))
 
 
 def measure_memory(engine: str, depth: int, problem: Problem) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--child-depth", str(depth),
            "--child-problem", json.dumps(problem._asdict())]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{engine} at D={depth} ({problem.case}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["activation_mib"]

@@ -9,7 +9,8 @@ each training mode, measured.
    convolution library's workspace and the caching allocator's rounding come on top, which is what
    `revglow profile --device cuda --budget ... --verify` measures (benchmarks/gpu_checks.sh runs it).
 3. One real training step in reversible mode at batch 1 (Adam, after one warm-up step): seconds, and the
-   process's peak resident memory during it (/proc/self/status VmHWM, reset by /proc/self/clear_refs).
+   process's peak resident memory during it (revglow.memory.device_meters.ResidentSet: glibc's heap trimmed and
+   the kernel's peak counter reset before it).
 
 Rows go to benchmarks/results/headline_256.jsonl; a Markdown table for the README is printed. Re-runnable as the
 engine changes; `--set FIELD=VALUE` overrides any GlowConfig field (e.g. a new option) without editing this file.
@@ -19,6 +20,7 @@ engine changes; `--set FIELD=VALUE` overrides any GlowConfig field (e.g. a new o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 from common import append_rows, environment  # noqa: E402
 from modes import MODES, activation, build_models, example_images  # noqa: E402
 from revglow import GlowConfig  # noqa: E402
+from revglow.memory.device_meters import ResidentSet  # noqa: E402
 from revglow.memory.planner import parse_size, plan_batch  # noqa: E402
 
 CELEBA_HQ = dict(image_shape=(3, 256, 256), levels=6, depth=32, hidden=512, coupling="additive", n_bits=5)
@@ -64,14 +67,6 @@ def plan(row: Dict, budgets) -> Dict[str, int]:
                           parse_size(b), MARGIN) for b in budgets}
 
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def training_step(model, batch: int, device: str) -> Dict:
     """One real Adam step after a warm-up: seconds, and (CPU, Linux) the process's peak resident memory in it."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -84,23 +79,21 @@ def training_step(model, batch: int, device: str) -> Dict:
 
     step()                                   # warm-up: gradients and Adam state exist from here on
     out = {}
-    cpu_rss = device == "cpu" and os.path.exists("/proc/self/clear_refs")
-    if cpu_rss:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        out["rss_before_mib"] = _status_mib("VmRSS")
-    elif device.startswith("cuda"):
+    meter = ResidentSet() if device == "cpu" and ResidentSet.available else None
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         out["allocated_before_mib"] = torch.cuda.memory_allocated() / MiB
     t0 = time.perf_counter()
-    step()
+    with (meter or contextlib.nullcontext()):
+        step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         out["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / MiB
     out["step_s"] = time.perf_counter() - t0
-    if cpu_rss:
-        out["peak_rss_mib"] = _status_mib("VmHWM")
+    if meter is not None:   # the one resident-set meter of revglow.memory (heap trimmed first, peak reset)
+        out["rss_before_mib"] = meter.before / MiB
+        out["peak_rss_mib"] = (meter.before + meter.peak) / MiB
     return out
 
 
