@@ -107,7 +107,23 @@ def _in_layout(x: Tensor, layout: torch.memory_format) -> Tensor:
     return x if layout == torch.contiguous_format else x.contiguous(memory_format=layout)
 
 
+def fold_weights(w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out):
+    """(w1, b1, w2, b2, w3, b3): `coupling_network`'s weight arguments with each layer's scale and shift folded
+    into its convolution (`fold_scale_shift`)."""
+    return (*fold_scale_shift(w_in, b_in, s_in, t_in), *fold_scale_shift(w_hidden, b_hidden, s_hidden, t_hidden),
+            *fold_scale_shift(w_out, b_out, s_out, None))
+
+
+def hidden_and_output(x, w1, b1, w2, b2, w3, b3, edge_padding, layout):
+    """(x in `layout`, r1, r2, out): the forward keeping what its backward reads (`backward_from_hidden`); out
+    contiguous NCHW (narrow: the flow's ops expect it)."""
+    x = _in_layout(x, layout)
+    r1, r2 = _hidden(x, w1, b1, w2, b2, edge_padding)
+    return x, r1, r2, conv2d_same(r2, w3, b3, edge_padding).contiguous()
+
+
 def _forward(x, w1, b1, w2, b2, w3, b3, edge_padding, layout):
+    # Not hidden_and_output: r1 is dropped before the last convolution, which lowers the no-grad forward's peak.
     r1, r2 = _hidden(_in_layout(x, layout), w1, b1, w2, b2, edge_padding)
     del r1
     return conv2d_same(r2, w3, b3, edge_padding).contiguous()
@@ -211,8 +227,7 @@ class _CouplingNetworkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w3, b3, edge_padding, release, layout):
-        r1, r2 = _hidden(_in_layout(x, layout), w1, b1, w2, b2, edge_padding)
-        out = conv2d_same(r2, w3, b3, edge_padding).contiguous()   # narrow: the flow's ops expect NCHW
+        _, r1, r2, out = hidden_and_output(x, w1, b1, w2, b2, w3, b3, edge_padding, layout)
         ctx.edge_padding, ctx.layout = edge_padding, layout
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
         ctx.hidden = None
@@ -303,10 +318,7 @@ def coupling_network(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_
     convolutions run in the autocast dtype, and so does what is kept for backward; the output is in that dtype.
     `memory_format` (MEMORY_FORMATS, see `resolve_memory_format`): how the convolutions store the wide tensors;
     x and the output are NCHW either way."""
-    w1, b1 = fold_scale_shift(w_in, b_in, s_in, t_in)
-    w2, b2 = fold_scale_shift(w_hidden, b_hidden, s_hidden, t_hidden)
-    w3, b3 = fold_scale_shift(w_out, b_out, s_out, None)
-    tensors = (x, w1, b1, w2, b2, w3, b3)
+    tensors = (x, *fold_weights(w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out))
     layout = resolve_memory_format(memory_format, x, w_in, w_out)
     low = _autocast_dtype(x)
     if low is None:

@@ -17,9 +17,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from revglow.ops.coupling_network import (_autocast_dtype, _hidden, _in_layout, backward_from_hidden,
-                                          fold_scale_shift, resolve_memory_format)
-from revglow.ops.conv_same import conv2d_same
+from revglow.ops.coupling_network import (_autocast_dtype, backward_from_hidden, fold_weights, hidden_and_output,
+                                          resolve_memory_format)
 
 __all__ = ["coupling_network_with_vjp"]
 
@@ -55,12 +54,9 @@ def coupling_network_with_vjp(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_h
     with torch.no_grad():
         raw = tuple(None if t is None else t.detach() for t in raw)
         (w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out) = raw
-        folded = (*fold_scale_shift(w_in, b_in, s_in, t_in), *fold_scale_shift(w_hidden, b_hidden, s_hidden, t_hidden),
-                  *fold_scale_shift(w_out, b_out, s_out, None))
+        folded = fold_weights(*raw)
         layout = resolve_memory_format(memory_format, x, w_in, w_out)
-        x_in = _in_layout(x.detach(), layout)
-        r1, r2 = _hidden(x_in, *folded[:4], edge_padding)
-        out = conv2d_same(r2, folded[4], folded[5], edge_padding).contiguous()
+        x_in, r1, r2, out = hidden_and_output(x.detach(), *folded, edge_padding, layout)
     kept = [r1, r2]
 
     def vjp(grad_out: Tensor) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
