@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import revglow.ops.coupling_network as network_op
+from network_weights import coupling_network_weights
 from flow_checks import rel_err
 from revglow.ops.conv_same import (add_edge_padding, conv1x1, conv2d_same, conv2d_same_backward,
                                    conv2d_same_input_grad, stored_channels_last)
@@ -20,18 +21,7 @@ OPTIONS = list(itertools.product([True, False], [True, False], [True, False]))  
 
 
 def _weights(c_in, c_out, hidden, actnorm, edge_padding, out_scale, dtype=torch.float64):
-    g = torch.Generator().manual_seed(5)
-
-    def rand(*shape, low=None):
-        t = torch.randn(*shape, generator=g, dtype=dtype) * 0.4 if low is None else \
-            torch.rand(*shape, generator=g, dtype=dtype) + low
-        return t.requires_grad_(True)
-
-    e = int(edge_padding)
-    return [rand(hidden, c_in + e, 3, 3), None if actnorm else rand(hidden), rand(hidden, low=0.5) if actnorm else None,
-            rand(hidden) if actnorm else None, rand(hidden, hidden, 1, 1), None if actnorm else rand(hidden),
-            rand(hidden, low=0.5) if actnorm else None, rand(hidden) if actnorm else None,
-            rand(c_out, hidden + e, 3, 3), rand(c_out), rand(c_out, low=0.5) if out_scale else None]
+    return coupling_network_weights(c_in, c_out, hidden, actnorm, edge_padding, out_scale, dtype, seed=5)
 
 
 def _run(x, weights, edge_padding, grad_out, **kwargs):

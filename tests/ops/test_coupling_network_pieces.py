@@ -7,6 +7,7 @@ import torch
 
 import revglow.ops.coupling_network as network_op
 from flow_checks import rel_err
+from network_weights import coupling_network_weights
 from revglow.ops.conv_same import conv2d_same, conv2d_same_input_grad
 from revglow.ops.coupling_network import coupling_network, coupling_network_reference
 
@@ -38,18 +39,7 @@ def test_input_grad_of_a_slice_of_channels_or_of_the_batch(n, c, h, w, kernel, e
 
 
 def _weights(c_in, c_out, hidden, actnorm, edge_padding):
-    g = torch.Generator().manual_seed(3)
-
-    def rand(*shape, low=None):
-        t = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.4 if low is None else \
-            torch.rand(*shape, generator=g, dtype=torch.float64) + low
-        return t.requires_grad_(True)
-
-    e = int(edge_padding)
-    return [rand(hidden, c_in + e, 3, 3), None if actnorm else rand(hidden), rand(hidden, low=0.5) if actnorm else None,
-            rand(hidden) if actnorm else None, rand(hidden, hidden, 1, 1), None if actnorm else rand(hidden),
-            rand(hidden, low=0.5) if actnorm else None, rand(hidden) if actnorm else None,
-            rand(c_out, hidden + e, 3, 3), rand(c_out), rand(c_out, low=0.5)]
+    return coupling_network_weights(c_in, c_out, hidden, actnorm, edge_padding, seed=3)
 
 
 @pytest.mark.parametrize("n", [5, 2])   # slices along the batch (5 samples, 4 pieces), along the channels (2 < 4)

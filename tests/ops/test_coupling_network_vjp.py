@@ -4,24 +4,14 @@ Coupling taking that path (with a context too) against autograd."""
 import pytest
 import torch
 
+from network_weights import coupling_network_weights
 from revglow.glow.layers.coupling import Coupling
 from revglow.ops.coupling_network import coupling_network_reference
 from revglow.ops.coupling_network_vjp import coupling_network_with_vjp
 
 
 def _weights(c_in, c_out, hidden, actnorm, edge_padding, output_scale):
-    g = torch.Generator().manual_seed(3)
-
-    def rand(*shape, low=None):
-        t = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.4 if low is None else \
-            torch.rand(*shape, generator=g, dtype=torch.float64) + low
-        return t.requires_grad_(True)
-
-    e = int(edge_padding)
-    return [rand(hidden, c_in + e, 3, 3), None if actnorm else rand(hidden), rand(hidden, low=0.5) if actnorm else None,
-            rand(hidden) if actnorm else None, rand(hidden, hidden, 1, 1), None if actnorm else rand(hidden),
-            rand(hidden, low=0.5) if actnorm else None, rand(hidden) if actnorm else None,
-            rand(c_out, hidden + e, 3, 3), rand(c_out), rand(c_out, low=0.5) if output_scale else None]
+    return coupling_network_weights(c_in, c_out, hidden, actnorm, edge_padding, output_scale, seed=3)
 
 
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
