@@ -115,9 +115,14 @@ class InvConv1x1LU(ChannelMixing):
         self.upper = nn.Parameter(torch.triu(upper, 1).to(dtype))
         self.log_s = nn.Parameter(torch.log(torch.abs(s)).to(dtype))
 
-    def weight_matrix(self):
+    def _factors(self):
+        """(L, U's diagonal sign * exp(log_s), U): the masked triangular factors, W = P L U."""
         lower = self.lower * self.lower_mask + self.eye
-        upper = self.upper * self.lower_mask.t() + torch.diag(self.sign_s * torch.exp(self.log_s))
+        diagonal = self.sign_s * torch.exp(self.log_s)
+        return lower, diagonal, self.upper * self.lower_mask.t() + torch.diag(diagonal)
+
+    def weight_matrix(self):
+        lower, _, upper = self._factors()
         return self.perm @ lower @ upper
 
     def logdet_per_pixel(self):
@@ -127,11 +132,8 @@ class InvConv1x1LU(ChannelMixing):
         # W = P A B with A = L * mask + I, B = U * mask^T + diag(sign * exp(log_s)):
         # dL/dA = P^T G B^T, dL/dB = A^T P^T G (G = dL/dW); the masks and the diagonal pick the parameters' parts.
         with torch.no_grad():
-            grad = grad_weight.to(self.lower.dtype)
-            lower = self.lower * self.lower_mask + self.eye
-            diagonal = self.sign_s * torch.exp(self.log_s)
-            upper = self.upper * self.lower_mask.t() + torch.diag(diagonal)
-            permuted = self.perm.t() @ grad
+            lower, diagonal, upper = self._factors()
+            permuted = self.perm.t() @ grad_weight.to(self.lower.dtype)
             grad_lower = permuted @ upper.t()
             grad_upper = lower.t() @ permuted
             candidates = ((self.lower, grad_lower * self.lower_mask), (self.upper, grad_upper * self.lower_mask.t()),
@@ -159,9 +161,6 @@ class FixedPermutation(ChannelMixing):
 
     def logdet_per_pixel(self):
         return torch.zeros((), device=self.order.device)
-
-    def parameter_grads(self, grad_weight, grad_logdet_per_pixel):
-        return {}   # no parameters
 
     def forward(self, x):
         return x[:, self.order], x.new_zeros(x.shape[0])
