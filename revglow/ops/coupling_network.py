@@ -51,7 +51,7 @@ gradients of x and of the float32 weights back to float32.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -190,13 +190,17 @@ def _relu_input_grad(grad: Tensor, hidden: Tensor, weight: Tensor, owned: bool) 
     return hidden
 
 
-def backward_from_hidden(grad_out: Tensor, x: Tensor, weights: Tuple[Optional[Tensor], ...], r1: Tensor, r2: Tensor,
+def backward_from_hidden(grad_out: Tensor, x: Tensor, weights: Tuple[Optional[Tensor], ...], hidden: List[Tensor],
                          owned: bool, needs: Sequence[bool], edge_padding: bool, layout: torch.memory_format
                          ) -> Tuple[Optional[Tensor], ...]:
     """(dL/dx, dL/dw1, dL/db1, dL/dw2, dL/db2, dL/dw3, dL/db3) of the folded network from dL/dout, its input x (in
-    `layout`) and its ReLU outputs r1, r2 (see the module docstring); `needs[i]`: whether the i-th of those is
-    wanted (None where not). `owned`: r1 and r2 are no longer needed, and the gradients are written over them."""
+    `layout`) and its ReLU outputs `hidden` = [r1, r2] (see the module docstring); `needs[i]`: whether the i-th of
+    those is wanted (None where not). `owned`: r1 and r2 are no longer needed, and the gradients are written over
+    them. The list is emptied: with no other reference to them, each is freed as soon as the backward is done
+    with it."""
     w1, b1, w2, b2, w3, b3 = weights
+    r1, r2 = hidden
+    hidden.clear()
     grad_out = grad_out.contiguous(memory_format=layout)
 
     # last layer: weight gradient from r2; then dL/d(conv_hidden output), written over r2 when it is ours
@@ -259,16 +263,18 @@ class _CouplingNetworkFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
             return tuple(next(grads) if need else None for need in needs[:7]) + (None, None, None)
 
-        r1 = r2 = None
+        # `hidden` is the only reference this frame holds to r1 and r2: backward_from_hidden empties it, so that
+        # each is freed as soon as it is used
+        hidden = None
         if ctx.saves_hidden:   # saved tensors: read, never written (a second backward reads them again)
-            (r1, r2), owned = saved[7:], False
+            hidden, owned = list(saved[7:]), False
         elif ctx.hidden is not None:
-            (r1, r2), ctx.hidden, owned = ctx.hidden, None, True
+            hidden, ctx.hidden, owned = ctx.hidden, None, True
         x = _in_layout(x, ctx.layout)
-        if r1 is None:   # a second backward through the same graph (retain_graph): the first one overwrote them
+        if hidden is None:   # a second backward through the same graph (retain_graph): the first one overwrote them
             with torch.no_grad():
-                (r1, r2), owned = _hidden(x, w1, b1, w2, b2, edge_padding), True
-        grads = backward_from_hidden(grad_out, x, (w1, b1, w2, b2, w3, b3), r1, r2, owned, needs, edge_padding,
+                hidden, owned = list(_hidden(x, w1, b1, w2, b2, edge_padding)), True
+        grads = backward_from_hidden(grad_out, x, (w1, b1, w2, b2, w3, b3), hidden, owned, needs, edge_padding,
                                      ctx.layout)
         return grads + (None, None, None)
 

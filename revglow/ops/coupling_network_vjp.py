@@ -56,19 +56,16 @@ def coupling_network_with_vjp(x, w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_h
         (w_in, b_in, s_in, t_in, w_hidden, b_hidden, s_hidden, t_hidden, w_out, b_out, s_out) = raw
         folded = fold_weights(*raw)
         layout = resolve_memory_format(memory_format, x, w_in, w_out)
-        x_in, r1, r2, out = hidden_and_output(x.detach(), *folded, edge_padding, layout)
-    kept = [r1, r2]
+        x_in, *kept, out = hidden_and_output(x.detach(), *folded, edge_padding, layout)   # kept: [r1, r2]
 
     def vjp(grad_out: Tensor) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
         if not kept:
             raise RuntimeError("coupling_network_with_vjp: vjp called twice (its first call overwrote the hidden "
                                "tensors)")
-        hidden_1, hidden_2 = kept
-        kept.clear()
         needs = (True,) + tuple(t is not None for t in folded)
-        with torch.no_grad():
+        with torch.no_grad():   # empties `kept`: r1 and r2 are freed as the backward finishes with each
             grad_x, gw1, gb1, gw2, gb2, gw3, gb3 = backward_from_hidden(
-                grad_out, x_in, folded, hidden_1, hidden_2, True, needs, edge_padding, layout)
+                grad_out, x_in, folded, kept, True, needs, edge_padding, layout)
             grads = (*_unfold(w_in, b_in, s_in, t_in, gw1, gb1), *_unfold(w_hidden, b_hidden, s_hidden, t_hidden,
                                                                         gw2, gb2),
                      *_unfold(w_out, b_out, s_out, None, gw3, gb3)[:3])
